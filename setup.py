@@ -1,0 +1,47 @@
+"""Build the Cython wire core unless VIRNET_NO_EXTENSIONS is set.
+
+Everything else about the package lives in pyproject.toml; this file only lists the
+extension modules and the switches that shape their build:
+
+- ``VIRNET_NO_EXTENSIONS=1``: build nothing; the pure-Python core is used at import time.
+- ``VIRNET_DEBUG=1``: annotate, line tracing, and ``VIRNET_DEBUG`` defined for the C code.
+"""
+
+import os
+
+from setuptools import setup
+
+NO_EXTENSIONS = bool(os.environ.get("VIRNET_NO_EXTENSIONS"))
+DEBUG = bool(os.environ.get("VIRNET_DEBUG"))
+
+
+def extensions() -> list:
+    if NO_EXTENSIONS:
+        print("*** VIRNET_NO_EXTENSIONS is set: pure-Python build, no Cython core ***")
+        return []
+    from Cython.Build import cythonize
+    from setuptools import Extension
+
+    macros = [("CYTHON_TRACE", "1"), ("VIRNET_DEBUG", "1")] if DEBUG else []
+    ext = [
+        Extension(
+            "virnet._wire",
+            ["pyx/virnet/_wire.pyx"],
+            include_dirs=["pyx/virnet"],
+            define_macros=macros,
+            extra_compile_args=["-O2"],
+        )
+    ]
+    return cythonize(
+        ext,
+        include_path=["pyx"],
+        annotate=DEBUG,
+        compiler_directives={
+            "language_level": 3,
+            "embedsignature": True,
+            "linetrace": DEBUG,
+        },
+    )
+
+
+setup(ext_modules=extensions())

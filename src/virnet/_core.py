@@ -1,0 +1,303 @@
+"""Sans-IO state of one RPC connection, shared by the client and the server role.
+
+``ConnectionCore`` turns received bytes into calls to its ``on_*`` hooks and queues
+outgoing packets as buffer lists; it never touches an event loop, a socket or a clock.
+The asyncio glue (``_protocol.py``) subclasses it, implements the hooks with futures and
+tasks, moves bytes between the transport and the core, and drives the keepalive timer.
+
+What the core owns:
+
+* the frame decoder, and validation of every packet's type/status against the role;
+* serial allocation and the set of calls awaiting a reply (replies may come in any order);
+* routing of STREAM / STREAM_HOLE packets to registered stream endpoints;
+* keepalive state (PING answered with PONG, idle ticks counted, timeout decided);
+* HELLO negotiation state (native vs legacy mode);
+* the outgoing queue: control packets, calls and replies first, stream data after.
+
+A protocol violation raises ``ProtocolError`` from ``receive``; the glue then closes the
+connection with that reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Any, Protocol
+
+from ._impl import FrameDecoder, Message, encode_message
+from .constants import (
+    CONTROL_CREDIT,
+    CONTROL_PROGRAM,
+    KEEPALIVE_PING,
+    KEEPALIVE_PONG,
+    KEEPALIVE_PROGRAM,
+    KEEPALIVE_VERSION,
+    MAX_MESSAGE,
+    MessageStatus,
+    MessageType,
+)
+from .errors import ProtocolError
+
+Buffer = bytes | bytearray | memoryview
+StreamKey = tuple[int, int, int, int]
+
+_CALL = int(MessageType.CALL)
+_REPLY = int(MessageType.REPLY)
+_MESSAGE = int(MessageType.MESSAGE)
+_STREAM = int(MessageType.STREAM)
+_HOLE = int(MessageType.STREAM_HOLE)
+_CALL_FDS = int(MessageType.CALL_WITH_FDS)
+_REPLY_FDS = int(MessageType.REPLY_WITH_FDS)
+_OK = int(MessageStatus.OK)
+_ERROR = int(MessageStatus.ERROR)
+_CONTINUE = int(MessageStatus.CONTINUE)
+
+_PING = encode_message(KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, KEEPALIVE_PING, _MESSAGE, 0, _OK)
+_PONG = encode_message(KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, KEEPALIVE_PONG, _MESSAGE, 0, _OK)
+
+
+class Mode(enum.Enum):
+    """How far feature negotiation got."""
+
+    UNKNOWN = "unknown"  # nothing negotiated yet: libvirt's rules apply
+    LEGACY = "legacy"  # the peer refused HELLO (a libvirt peer): libvirt's rules
+    NATIVE = "native"  # both sides are virnet: negotiated features apply
+
+
+class StreamEndpoint(Protocol):
+    """What the core routes STREAM and STREAM_HOLE packets to."""
+
+    def on_packet(self, msg: Message) -> None: ...
+
+
+class KeepaliveAction(enum.Enum):
+    NONE = 0
+    PING = 1
+    TIMEOUT = 2
+
+
+class Keepalive:
+    """libvirt's keepalive rules, counted in ticks instead of read from a clock.
+
+    The glue calls ``tick()`` once per interval.  Any received packet resets the count.
+    A tick after an idle interval sends a PING; once ``count`` PINGs went unanswered the
+    next idle tick is a timeout, so a dead peer is detected after about
+    ``interval * (count + 1)``.
+    """
+
+    __slots__ = ("count", "enabled", "interval", "missed", "seen")
+
+    def __init__(self, interval: float = 5.0, count: int = 5) -> None:
+        self.interval = interval
+        self.count = count
+        self.enabled = False
+        self.missed = 0
+        self.seen = False
+
+    def received(self) -> None:
+        self.seen = True
+
+    def tick(self) -> KeepaliveAction:
+        if self.seen:
+            self.seen = False
+            self.missed = 0
+            return KeepaliveAction.NONE
+        if self.missed >= self.count:
+            return KeepaliveAction.TIMEOUT
+        self.missed += 1
+        return KeepaliveAction.PING
+
+
+class ConnectionCore:
+    """One connection's protocol state; subclass and implement the ``on_*`` hooks."""
+
+    def __init__(
+        self,
+        *,
+        is_client: bool,
+        max_message: int = MAX_MESSAGE,
+        keepalive_interval: float = 5.0,
+        keepalive_count: int = 5,
+    ) -> None:
+        self.is_client = is_client
+        self.decoder = FrameDecoder(max_message)
+        self.mode = Mode.UNKNOWN
+        self.features = 0
+        self.peer_window = 0
+        self.keepalive = Keepalive(keepalive_interval, keepalive_count)
+        self._next_serial = 1
+        self._pending: dict[int, tuple[int, int, int]] = {}
+        self.streams: dict[StreamKey, StreamEndpoint] = {}
+        # Control packets, calls, replies and events: always sent before stream data.
+        self._urgent: list[Buffer] = []
+        # Stream endpoints with data ready, served round-robin one packet at a time.
+        self._ready: deque[Any] = deque()
+        self.bytes_received = 0
+        self.messages_received = 0
+
+    # ------------------------------------------------------------------ hooks
+    def on_call(self, msg: Message) -> None:
+        """A CALL arrived (server role)."""
+        raise ProtocolError("unexpected CALL")
+
+    def on_reply(self, serial: int, status: int, payload: Buffer) -> None:
+        """The reply to one of our calls arrived (client role)."""
+
+    def on_event(self, msg: Message) -> None:
+        """A MESSAGE packet (async event) arrived that the core does not handle itself."""
+
+    def on_credit(self, payload: Buffer) -> None:
+        """A VIRNET_CONTROL CREDIT message arrived (native mode, flow control)."""
+
+    def on_unrouted_stream(self, msg: Message) -> None:
+        """A stream packet matched no open stream: dropped (it may be a late packet)."""
+
+    def on_output(self) -> None:
+        """Packets were queued; the glue should schedule a flush."""
+
+    # ------------------------------------------------------------------ bytes in
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_received += nbytes
+        msgs = self.decoder.buffer_updated(nbytes)
+        if msgs:
+            self.keepalive.seen = True
+            for msg in msgs:
+                self.receive(msg)
+
+    def feed(self, data: Buffer) -> None:
+        """Decode bytes already in memory (tests, non-buffered transports)."""
+        self.bytes_received += len(data)
+        for msg in self.decoder.feed(data):
+            self.keepalive.seen = True
+            self.receive(msg)
+
+    def receive(self, msg: Message) -> None:
+        """Validate one packet and route it."""
+        self.messages_received += 1
+        mtype = msg.type
+        status = msg.status
+        if mtype == _STREAM or mtype == _HOLE:
+            if mtype == _HOLE and status != _CONTINUE:
+                raise ProtocolError(f"STREAM_HOLE with status {status}")
+            if status not in (_OK, _ERROR, _CONTINUE):
+                raise ProtocolError(f"STREAM packet with unknown status {status}")
+            endpoint = self.streams.get((msg.prog, msg.vers, msg.proc, msg.serial))
+            if endpoint is None:
+                self.on_unrouted_stream(msg)
+            else:
+                endpoint.on_packet(msg)
+        elif mtype == _REPLY:
+            if not self.is_client:
+                raise ProtocolError("REPLY sent to a server")
+            if status != _OK and status != _ERROR:
+                raise ProtocolError(f"REPLY with invalid status {status}")
+            expected = self._pending.pop(msg.serial, None)
+            if expected is None:
+                raise ProtocolError(f"REPLY with serial {msg.serial} answers no call")
+            if expected != (msg.prog, msg.vers, msg.proc):
+                raise ProtocolError(
+                    f"REPLY for serial {msg.serial} names program {msg.prog:#x} v{msg.vers} "
+                    f"procedure {msg.proc}, not the call's"
+                )
+            self.on_reply(msg.serial, status, msg.payload)
+        elif mtype == _CALL:
+            if self.is_client:
+                raise ProtocolError("CALL sent to a client")
+            self.on_call(msg)
+        elif mtype == _MESSAGE:
+            if status != _OK:
+                raise ProtocolError(f"MESSAGE with invalid status {status}")
+            if msg.prog == KEEPALIVE_PROGRAM:
+                self._keepalive_message(msg)
+            elif msg.prog == CONTROL_PROGRAM and msg.proc == CONTROL_CREDIT:
+                if self.mode is not Mode.NATIVE:
+                    raise ProtocolError("CREDIT before flow control was negotiated")
+                self.on_credit(msg.payload)
+            else:
+                self.on_event(msg)
+        elif mtype == _CALL_FDS or mtype == _REPLY_FDS:
+            raise ProtocolError("file descriptor passing is not supported on this transport")
+        else:
+            raise ProtocolError(f"unknown message type {mtype}")
+
+    def _keepalive_message(self, msg: Message) -> None:
+        if msg.vers != KEEPALIVE_VERSION:
+            raise ProtocolError(f"keepalive version {msg.vers} is not supported")
+        if msg.proc == KEEPALIVE_PING:
+            # Always answered, negotiated or not, as libvirt does.
+            self.queue_urgent(_PONG)
+        elif msg.proc != KEEPALIVE_PONG:
+            raise ProtocolError(f"unknown keepalive procedure {msg.proc}")
+
+    # ------------------------------------------------------------------ bytes out
+    def queue_urgent(self, buffers: list[Buffer]) -> None:
+        was_idle = not self._urgent and not self._ready
+        self._urgent.extend(buffers)
+        if was_idle:
+            self.on_output()
+
+    def mark_ready(self, endpoint: Any) -> None:
+        """``endpoint`` has stream packets to send; it will be asked for one at a time."""
+        was_idle = not self._urgent and not self._ready
+        self._ready.append(endpoint)
+        if was_idle:
+            self.on_output()
+
+    def has_output(self) -> bool:
+        return bool(self._urgent or self._ready)
+
+    def take_output(self, budget: int) -> list[Buffer]:
+        """Buffers to write now: every urgent packet, then stream packets round-robin
+        (one packet per ready stream per turn) until about ``budget`` bytes are taken.
+
+        An endpoint's ``next_packet()`` returns ``(buffers, nbytes, more)``, or ``None``
+        when it has nothing to send after all (for example no credit left).
+        """
+        out = self._urgent
+        self._urgent = []
+        ready = self._ready
+        taken = 0
+        while ready and taken < budget:
+            endpoint = ready.popleft()
+            item = endpoint.next_packet()
+            if item is None:
+                continue
+            buffers, nbytes, more = item
+            out.extend(buffers)
+            taken += nbytes
+            if more:
+                ready.append(endpoint)
+        return out
+
+    def ping(self) -> None:
+        self.queue_urgent(_PING)
+
+    # ------------------------------------------------------------------ calls
+    def allocate_serial(self) -> int:
+        serial = self._next_serial
+        self._next_serial = (serial + 1) & 0xFFFFFFFF or 1
+        return serial
+
+    def send_call(
+        self, prog: int, vers: int, proc: int, payload: Buffer, serial: int | None = None
+    ) -> int:
+        """Queue a CALL; returns its serial.  The reply comes to ``on_reply``."""
+        if serial is None:
+            serial = self.allocate_serial()
+        self._pending[serial] = (prog, vers, proc)
+        self.queue_urgent(encode_message(prog, vers, proc, _CALL, serial, _OK, payload))
+        return serial
+
+    def pending_calls(self) -> list[int]:
+        return list(self._pending)
+
+    def send_reply(
+        self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer
+    ) -> None:
+        self.queue_urgent(encode_message(prog, vers, proc, _REPLY, serial, status, payload))
+
+    def send_event(self, prog: int, vers: int, proc: int, payload: Buffer) -> None:
+        self.queue_urgent(encode_message(prog, vers, proc, _MESSAGE, 0, _OK, payload))

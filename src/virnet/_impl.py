@@ -1,0 +1,53 @@
+"""The one place that chooses the wire core: compiled Cython or its pure-Python twin.
+
+``VIRNET_NO_EXTENSIONS=1`` (any non-empty value) selects the pure twin.  Otherwise the
+compiled ``virnet._wire`` is used; if it is missing (a pure build, or an unsupported
+platform) the pure twin is used with a RuntimeWarning, never silently.  The test suite's
+compiled run checks ``virnet.compiled`` and fails when the extension is not there.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+NO_EXTENSIONS = bool(os.environ.get("VIRNET_NO_EXTENSIONS"))
+
+if TYPE_CHECKING or NO_EXTENSIONS:
+    from . import _wire_py as wire
+else:
+    try:
+        from . import _wire as wire  # type: ignore[no-redef]
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        warnings.warn(
+            f"virnet: compiled core unavailable ({exc}); using the pure-Python core. "
+            "Set VIRNET_NO_EXTENSIONS=1 to choose it explicitly.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        from . import _wire_py as wire
+
+compiled: bool = bool(wire.IS_COMPILED)
+
+Message = wire.Message
+FrameDecoder = wire.FrameDecoder
+Packer = wire.Packer
+Unpacker = wire.Unpacker
+pack_header = wire.pack_header
+encode_message = wire.encode_message
+encode_stream_data = wire.encode_stream_data
+check_length = wire.check_length
+
+__all__ = [
+    "FrameDecoder",
+    "Message",
+    "Packer",
+    "Unpacker",
+    "check_length",
+    "compiled",
+    "encode_message",
+    "encode_stream_data",
+    "pack_header",
+    "wire",
+]

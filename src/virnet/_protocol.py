@@ -1,0 +1,196 @@
+"""The asyncio glue: a ``BufferedProtocol`` around the sans-IO ``ConnectionCore``.
+
+The transport receives straight into the core's buffers (``get_buffer`` /
+``buffer_updated`` are the core's own).  Outgoing packets are queued by the core and
+written once per loop iteration with ``writelines`` (header and payload stay separate
+buffers).  ``pause_writing`` stops pulling stream data; calls and replies still go out,
+they are small.  Keepalive ticks come from ``loop.call_later``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import cast
+from ._core import Buffer, ConnectionCore, KeepaliveAction
+from .constants import MAX_MESSAGE
+from .errors import ConnectionClosedError, ProtocolError
+
+log = logging.getLogger("virnet")
+
+#: Transport write-buffer high-water mark: large enough that the socket never idles
+#: between flushes, small enough to bound memory per connection.
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+WRITE_LOW_WATER = 1 * 1024 * 1024
+
+
+class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
+    """Shared glue for both roles; ``ClientProtocol``/``ServerProtocol`` add the rest."""
+
+    def __init__(
+        self,
+        *,
+        is_client: bool,
+        max_message: int = MAX_MESSAGE,
+        keepalive_interval: float = 5.0,
+        keepalive_count: int = 5,
+    ) -> None:
+        ConnectionCore.__init__(
+            self,
+            is_client=is_client,
+            max_message=max_message,
+            keepalive_interval=keepalive_interval,
+            keepalive_count=keepalive_count,
+        )
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._flush_handle: asyncio.Handle | None = None
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._reading_paused = False
+        self.close_exc: BaseException | None = None
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+
+    # ------------------------------------------------------------------ transport events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover - platform dependent
+                pass
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix"
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            ConnectionCore.buffer_updated(self, nbytes)
+        except ProtocolError as exc:
+            self.abort_connection(exc)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        try:
+            return self.decoder.get_buffer(sizehint)
+        except ProtocolError:
+            # Already failed and closing; give the transport somewhere harmless to write.
+            return memoryview(bytearray(65536))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_exc is None:
+            if exc is None:
+                self.close_exc = ConnectionClosedError("connection closed by peer")
+            else:
+                err = ConnectionClosedError(f"connection lost: {exc}")
+                err.__cause__ = exc
+                self.close_exc = err
+        self.transport = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        try:
+            self.on_closed(self.close_exc)
+        finally:
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    def on_closed(self, exc: BaseException) -> None:
+        """The connection is gone; fail whatever waits on it (roles override)."""
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.has_output():
+            self.on_output()
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ closing
+    def abort_connection(self, exc: BaseException) -> None:
+        """Close at once because of ``exc`` (a protocol violation, keepalive timeout)."""
+        if self.close_exc is None:
+            if isinstance(exc, ProtocolError):
+                log.warning("closing connection from %s: %s", self.peer, exc)
+                err = ConnectionClosedError(f"protocol error: {exc}")
+                err.__cause__ = exc
+                self.close_exc = err
+            else:
+                self.close_exc = exc
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_gracefully(self) -> None:
+        """Flush what is queued, then close."""
+        if self.close_exc is None:
+            self.close_exc = ConnectionClosedError("connection closed")
+        if self.transport is not None:
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+
+    # ------------------------------------------------------------------ output
+    def on_output(self) -> None:
+        if self._flush_handle is None and self.transport is not None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        transport = self.transport
+        if transport is None:
+            return
+        budget = 0 if self._write_paused else WRITE_HIGH_WATER - transport.get_write_buffer_size()
+        out: list[Buffer] = self.take_output(budget)
+        if out:
+            transport.writelines(out)
+        if self.has_output() and not self._write_paused:
+            # Stream data still waiting and room left: continue next iteration so that
+            # other tasks (and incoming calls) get their turn in between.
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    # ------------------------------------------------------------------ keepalive
+    def start_keepalive(self) -> None:
+        """Begin the keepalive timer (after negotiation says the peer supports it)."""
+        ka = self.keepalive
+        if ka.enabled or ka.interval <= 0 or self.transport is None:
+            return
+        ka.enabled = True
+        ka.seen = True
+        self._keepalive_handle = self.loop.call_later(ka.interval, self._keepalive_tick)
+
+    def _keepalive_tick(self) -> None:
+        self._keepalive_handle = None
+        if self.transport is None:
+            return
+        action = self.keepalive.tick()
+        if action is KeepaliveAction.TIMEOUT:
+            log.warning("closing connection from %s: keepalive timeout", self.peer)
+            self.abort_connection(
+                ConnectionClosedError("connection closed due to keepalive timeout")
+            )
+            return
+        if action is KeepaliveAction.PING:
+            self.ping()
+        self._keepalive_handle = self.loop.call_later(
+            self.keepalive.interval, self._keepalive_tick
+        )
+

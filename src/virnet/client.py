@@ -1,0 +1,283 @@
+"""The client: ``await virnet.connect(uri)`` and typed calls on one multiplexed connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from . import protocol, xdr
+from ._core import Buffer, Mode
+from ._impl import Message
+from ._protocol import RPCProtocol
+from ._uri import Address, default_uri, parse_uri
+from .constants import (
+    CONTROL_HELLO,
+    CONTROL_PROGRAM,
+    CONTROL_VERSION,
+    FEATURE_FLOW_CONTROL,
+    FEATURE_KEEPALIVE,
+    MAX_MESSAGE,
+    MessageStatus,
+)
+from .errors import CallTimeoutError, ConnectionClosedError, ProtocolError, RPCError, XdrError
+from .program import Event, Procedure
+
+log = logging.getLogger("virnet")
+
+_ERROR = int(MessageStatus.ERROR)
+
+#: Default per-stream receive window offered in HELLO (bytes).
+DEFAULT_WINDOW = 4 * 1024 * 1024
+
+EventCallback = Callable[[Any], None]
+
+
+class ClientProtocol(RPCProtocol):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(is_client=True, **kwargs)
+        self.waiters: dict[int, asyncio.Future[tuple[int, Buffer]]] = {}
+        self.subscribers: dict[tuple[int, int, int], list[Callable[[Message], None]]] = {}
+
+    def on_reply(self, serial: int, status: int, payload: Buffer) -> None:
+        fut = self.waiters.pop(serial, None)
+        if fut is not None and not fut.done():
+            fut.set_result((status, payload))
+        # else: the caller gave up (deadline); the late reply is dropped.
+
+    def on_event(self, msg: Message) -> None:
+        callbacks = self.subscribers.get((msg.prog, msg.vers, msg.proc))
+        if not callbacks:
+            log.debug("dropping unsubscribed event %#x/%d/%d", msg.prog, msg.vers, msg.proc)
+            return
+        for cb in list(callbacks):
+            try:
+                cb(msg)
+            except Exception:
+                log.exception("event callback %r failed", cb)
+
+    def on_closed(self, exc: BaseException) -> None:
+        waiters = self.waiters
+        self.waiters = {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+class Client:
+    """A connection to a virnet or libvirt daemon.
+
+    Many calls may run at once; replies are matched by serial in any order.  Use as an
+    async context manager, or call ``close()``.
+    """
+
+    def __init__(self, proto: ClientProtocol, address: Address) -> None:
+        self._proto = proto
+        self.address = address
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def mode(self) -> Mode:
+        """``Mode.NATIVE`` against a virnet peer, ``Mode.LEGACY`` against libvirt."""
+        return self._proto.mode
+
+    @property
+    def features(self) -> int:
+        return self._proto.features
+
+    @property
+    def is_closed(self) -> bool:
+        return self._proto.transport is None
+
+    @property
+    def protocol(self) -> ClientProtocol:
+        return self._proto
+
+    # ------------------------------------------------------------------ calls
+    async def call(
+        self, procedure: Procedure, args: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Call ``procedure`` with ``args``; returns the decoded reply.
+
+        Raises ``RPCError`` (with libvirt's error fields) for an error reply,
+        ``CallTimeoutError`` when ``timeout`` seconds pass first, and
+        ``ConnectionClosedError`` when the connection ends.
+        """
+        payload = xdr.encode(procedure.args, args)
+        prog = procedure.program
+        data = await self.call_raw(prog.number, prog.version, procedure.number, payload, timeout)
+        try:
+            return xdr.decode(procedure.ret, data)
+        except XdrError as exc:
+            raise ProtocolError(f"bad reply to {procedure!r}: {exc}") from None
+
+    async def call_raw(
+        self,
+        prog: int,
+        vers: int,
+        proc: int,
+        payload: Buffer = b"",
+        timeout: float | None = None,
+        *,
+        serial: int | None = None,
+    ) -> Buffer:
+        """Send a CALL with an already encoded payload; returns the raw reply payload."""
+        proto = self._proto
+        if proto.transport is None:
+            raise proto.close_exc or ConnectionClosedError("connection closed")
+        fut: asyncio.Future[tuple[int, Buffer]] = proto.loop.create_future()
+        serial = proto.send_call(prog, vers, proc, payload, serial)
+        proto.waiters[serial] = fut
+        try:
+            if timeout is None:
+                status, data = await fut
+            else:
+                async with asyncio.timeout(timeout):
+                    status, data = await fut
+        except TimeoutError:
+            proto.waiters.pop(serial, None)
+            raise CallTimeoutError(
+                f"no reply to procedure {proc} within {timeout} s"
+            ) from None
+        except asyncio.CancelledError:
+            proto.waiters.pop(serial, None)
+            raise
+        if status == _ERROR:
+            raise protocol.decode_error(data)
+        return data
+
+    def allocate_serial(self) -> int:
+        """Reserve the serial the next stream-opening call will use."""
+        return self._proto.allocate_serial()
+
+    # ------------------------------------------------------------------ events
+    def subscribe(self, event: Event, callback: Callable[[Any], None]) -> Callable[[], None]:
+        """Call ``callback(body)`` for every ``event`` MESSAGE; returns an unsubscriber."""
+        key = (event.program.number, event.program.version, event.number)
+
+        def deliver(msg: Message) -> None:
+            try:
+                body = xdr.decode(event.body, msg.payload)
+            except XdrError as exc:
+                log.warning("dropping malformed %r: %s", event, exc)
+                return
+            callback(body)
+
+        self._proto.subscribers.setdefault(key, []).append(deliver)
+
+        def unsubscribe() -> None:
+            callbacks = self._proto.subscribers.get(key, [])
+            if deliver in callbacks:
+                callbacks.remove(deliver)
+
+        return unsubscribe
+
+    # ------------------------------------------------------------------ keepalive
+    def enable_keepalive(self) -> None:
+        """Start sending keepalive PINGs (call only once the peer is known to support
+        them: negotiated in HELLO, or CONNECT_SUPPORTS_FEATURE(10) against libvirtd)."""
+        self._proto.start_keepalive()
+
+    # ------------------------------------------------------------------ lifetime
+    async def close(self) -> None:
+        proto = self._proto
+        if proto.transport is not None:
+            proto.close_gracefully()
+        await proto.closed
+
+    async def wait_closed(self) -> None:
+        await self._proto.closed
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else self.mode.value
+        return f"<virnet.Client {self.address} {state}>"
+
+
+async def open_transport(
+    address: Address, factory: Callable[[], RPCProtocol]
+) -> asyncio.BaseProtocol:
+    loop = asyncio.get_running_loop()
+    if address.scheme == "unix":
+        _, proto = await loop.create_unix_connection(factory, address.path)
+    else:
+        _, proto = await loop.create_connection(factory, address.host, address.port)
+    return proto
+
+
+async def connect(
+    uri: str | None = None,
+    *,
+    hello: bool = True,
+    keepalive_interval: float = 5.0,
+    keepalive_count: int = 5,
+    max_message: int = MAX_MESSAGE,
+    window: int = DEFAULT_WINDOW,
+    timeout: float | None = 30.0,
+) -> Client:
+    """Connect to ``uri`` (``unix:///path`` or ``tcp://host:port``; default: the local
+    daemon's socket) and, unless ``hello=False``, negotiate virnet's extensions.
+
+    A libvirt peer refuses HELLO with an error reply; the connection then stays in
+    legacy mode, which follows libvirt's rules exactly.
+    """
+    address = parse_uri(uri or default_uri())
+
+    def factory() -> ClientProtocol:
+        return ClientProtocol(
+            max_message=max_message,
+            keepalive_interval=keepalive_interval,
+            keepalive_count=keepalive_count,
+        )
+
+    try:
+        async with asyncio.timeout(timeout):
+            proto = await open_transport(address, factory)
+    except TimeoutError:
+        raise ConnectionClosedError(f"cannot connect to {address}: timed out") from None
+    except OSError as exc:
+        raise ConnectionClosedError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
+    assert isinstance(proto, ClientProtocol)
+    client = Client(proto, address)
+    if hello:
+        try:
+            await _negotiate(client, window, timeout)
+        except BaseException:
+            await client.close()
+            raise
+    return client
+
+
+async def _negotiate(client: Client, window: int, timeout: float | None) -> None:
+    proto = client.protocol
+    wanted = FEATURE_FLOW_CONTROL | FEATURE_KEEPALIVE
+    payload = xdr.encode(protocol.Hello, protocol.Hello(wanted, window))
+    try:
+        data = await client.call_raw(
+            CONTROL_PROGRAM, CONTROL_VERSION, CONTROL_HELLO, payload, timeout
+        )
+    except RPCError as exc:
+        log.debug("peer refused HELLO (%s): legacy mode", exc)
+        proto.mode = Mode.LEGACY
+        return
+    try:
+        reply = xdr.decode(protocol.Hello, data)
+    except XdrError as exc:
+        raise ProtocolError(f"bad HELLO reply: {exc}") from None
+    proto.mode = Mode.NATIVE
+    proto.features = reply.features & wanted
+    proto.peer_window = reply.window
+    if proto.features & FEATURE_KEEPALIVE:
+        proto.start_keepalive()

@@ -1,0 +1,384 @@
+"""The server framework: register handlers for procedures, listen, shut down gracefully.
+
+Every call runs in a task of its own, so a slow handler delays no other call.  Calls in
+flight per connection are bounded (``max_calls``); beyond it they wait in arrival order
+and none is dropped, and if even that queue grows large the connection stops reading
+until it drains.  A handler's ``RPCError`` becomes libvirt's error reply with the same
+fields; any other exception is logged with its traceback and the client gets a clean
+internal-error message.  A malformed packet closes only that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import protocol, xdr
+from ._core import Mode
+from ._impl import Message
+from ._protocol import RPCProtocol
+from ._uri import Address, parse_uri
+from .constants import (
+    CONTROL_HELLO,
+    CONTROL_PROGRAM,
+    CONTROL_VERSION,
+    FEATURE_FLOW_CONTROL,
+    FEATURE_KEEPALIVE,
+    MAX_MESSAGE,
+    MessageStatus,
+)
+from .errors import ErrorCode, ErrorDomain, RPCError, XdrError
+from .program import Event, Procedure, Program
+
+log = logging.getLogger("virnet.server")
+
+_OK = int(MessageStatus.OK)
+_ERROR = int(MessageStatus.ERROR)
+
+Handler = Callable[["CallContext", Any], Awaitable[Any]]
+
+DEFAULT_WINDOW = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Registration:
+    procedure: Procedure
+    handler: Handler
+    readonly: bool
+
+
+class CallContext:
+    """What a handler knows about the call it is serving."""
+
+    __slots__ = ("connection", "procedure", "serial")
+
+    def __init__(self, connection: ServerConnection, procedure: Procedure, serial: int):
+        self.connection = connection
+        self.procedure = procedure
+        self.serial = serial
+
+    @property
+    def readonly(self) -> bool:
+        return self.connection.readonly
+
+    def emit_event(self, event: Event, body: Any = None) -> None:
+        self.connection.emit_event(event, body)
+
+
+class ServerConnection(RPCProtocol):
+    """One client's connection to a ``Server``."""
+
+    def __init__(self, server: Server, readonly: bool) -> None:
+        super().__init__(
+            is_client=False,
+            max_message=server.max_message,
+            keepalive_interval=server.keepalive_interval,
+            keepalive_count=server.keepalive_count,
+        )
+        self.server = server
+        self.readonly = readonly
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.waiting: deque[Message] = deque()
+        self.state: dict[str, Any] = {}  # per-connection storage for services
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self.server._admit(self):
+            log.warning(
+                "refusing connection from %s: max_clients (%d) reached",
+                self.peer,
+                self.server.max_clients,
+            )
+            self.abort_connection(RPCError("too many clients"))
+            return
+        log.debug("client connected from %s", self.peer)
+
+    def on_closed(self, exc: BaseException) -> None:
+        self.server._forget(self)
+        self.waiting.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        log.debug("client %s gone: %s", self.peer, exc)
+
+    # ------------------------------------------------------------------ calls
+    def on_call(self, msg: Message) -> None:
+        if len(self.tasks) < self.server.max_calls:
+            self._start(msg)
+            return
+        self.waiting.append(msg)
+        if len(self.waiting) >= self.server.max_queued_calls:
+            # Even the queue is long: stop reading until it drains (bounded memory).
+            self.pause_reading()
+
+    def _start(self, msg: Message) -> None:
+        task = self.loop.create_task(self._dispatch(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        while self.waiting and len(self.tasks) < self.server.max_calls:
+            self._start(self.waiting.popleft())
+        if self._reading_paused and len(self.waiting) < self.server.max_queued_calls // 2:
+            self.resume_reading()
+
+    def reply_error(self, msg: Message, exc: RPCError) -> None:
+        self.send_reply(
+            msg.prog, msg.vers, msg.proc, msg.serial, _ERROR, protocol.encode_error(exc)
+        )
+
+    async def _dispatch(self, msg: Message) -> None:
+        try:
+            await self._dispatch_inner(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # pragma: no cover - _dispatch_inner handles everything
+            log.exception("internal error dispatching a call from %s", self.peer)
+
+    async def _dispatch_inner(self, msg: Message) -> None:
+        if msg.status != _OK:
+            self.reply_error(msg, _rpc_error(f"Unexpected message status {msg.status}"))
+            return
+        if msg.prog == CONTROL_PROGRAM and msg.vers == CONTROL_VERSION:
+            self._control_call(msg)
+            return
+        program = self.server.programs.get((msg.prog, msg.vers))
+        if program is None:
+            self.reply_error(
+                msg, _rpc_error(f"Cannot find program {msg.prog} version {msg.vers}")
+            )
+            return
+        reg = self.server.handlers.get((msg.prog, msg.vers, msg.proc))
+        if reg is None:
+            self.reply_error(msg, _rpc_error(f"unknown procedure: {msg.proc}"))
+            return
+        proc = reg.procedure
+        if self.readonly and not reg.readonly:
+            self.reply_error(
+                msg,
+                RPCError(
+                    f"operation {program.name}.{proc.name} forbidden on a read only "
+                    "connection",
+                    code=ErrorCode.OPERATION_DENIED,
+                    domain=ErrorDomain.RPC,
+                ),
+            )
+            return
+        try:
+            args = xdr.decode(proc.args, msg.payload)
+        except XdrError as exc:
+            self.reply_error(
+                msg,
+                RPCError(
+                    f"invalid arguments for {program.name}.{proc.name}: {exc}",
+                    code=ErrorCode.RPC,
+                    domain=ErrorDomain.RPC,
+                ),
+            )
+            return
+        ctx = CallContext(self, proc, msg.serial)
+        try:
+            result = await reg.handler(ctx, args)
+            payload = xdr.encode(proc.ret, result)
+        except RPCError as exc:
+            self.reply_error(msg, exc)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("handler for %s.%s failed", program.name, proc.name)
+            self.reply_error(
+                msg,
+                RPCError(
+                    f"internal error in {program.name}.{proc.name}: {type(exc).__name__}",
+                    code=ErrorCode.INTERNAL_ERROR,
+                    domain=ErrorDomain.RPC,
+                ),
+            )
+            return
+        self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
+
+    def _control_call(self, msg: Message) -> None:
+        if msg.proc != CONTROL_HELLO:
+            self.reply_error(msg, _rpc_error(f"unknown procedure: {msg.proc}"))
+            return
+        try:
+            hello = xdr.decode(protocol.Hello, msg.payload)
+        except XdrError as exc:
+            self.reply_error(msg, _rpc_error(f"invalid HELLO: {exc}"))
+            return
+        offered = FEATURE_FLOW_CONTROL | FEATURE_KEEPALIVE
+        self.features = hello.features & offered
+        self.peer_window = hello.window
+        self.mode = Mode.NATIVE
+        payload = xdr.encode(protocol.Hello, protocol.Hello(self.features, self.server.window))
+        self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
+        if self.features & FEATURE_KEEPALIVE:
+            self.start_keepalive()
+
+    # ------------------------------------------------------------------ events
+    def emit_event(self, event: Event, body: Any = None) -> None:
+        """Send ``event`` (a MESSAGE, serial 0) to this client."""
+        prog = event.program
+        self.send_event(prog.number, prog.version, event.number, xdr.encode(event.body, body))
+
+
+def _rpc_error(message: str) -> RPCError:
+    return RPCError(message, code=ErrorCode.RPC, domain=ErrorDomain.RPC)
+
+
+class Server:
+    """Serves registered procedures on any number of listening sockets."""
+
+    def __init__(
+        self,
+        *,
+        max_message: int = MAX_MESSAGE,
+        max_clients: int = 1024,
+        max_calls: int = 256,
+        max_queued_calls: int = 1024,
+        keepalive_interval: float = 5.0,
+        keepalive_count: int = 5,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
+        self.max_message = max_message
+        self.max_clients = max_clients
+        self.max_calls = max_calls
+        self.max_queued_calls = max_queued_calls
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_count = keepalive_count
+        self.window = window
+        self.programs: dict[tuple[int, int], Program] = {}
+        self.handlers: dict[tuple[int, int, int], _Registration] = {}
+        self.connections: set[ServerConnection] = set()
+        self._listeners: list[tuple[asyncio.AbstractServer, Address]] = []
+        self._closing = False
+
+    # ------------------------------------------------------------------ registration
+    def register(self, procedure: Procedure, handler: Handler, *, readonly: bool = False) -> None:
+        """Serve ``procedure`` with ``async handler(ctx, args) -> reply``.
+
+        ``readonly=True`` allows it on read-only listeners too.
+        """
+        prog = procedure.program
+        key = (prog.number, prog.version, procedure.number)
+        if key in self.handlers:
+            raise ValueError(f"{procedure!r} already has a handler")
+        self.programs[prog.key] = prog
+        self.handlers[key] = _Registration(procedure, handler, readonly)
+
+    def handler(
+        self, procedure: Procedure, *, readonly: bool = False
+    ) -> Callable[[Handler], Handler]:
+        """Decorator form of ``register``."""
+
+        def decorate(func: Handler) -> Handler:
+            self.register(procedure, func, readonly=readonly)
+            return func
+
+        return decorate
+
+    # ------------------------------------------------------------------ listening
+    async def listen(self, uri: str, *, readonly: bool = False) -> Address:
+        """Start listening on ``uri``; returns the bound address (the real port for
+        ``tcp://host:0``).  A Unix socket is created mode 0600 (its directory too)."""
+        address = parse_uri(uri)
+        loop = asyncio.get_running_loop()
+
+        def factory() -> ServerConnection:
+            return ServerConnection(self, readonly)
+
+        if address.scheme == "unix":
+            path = address.path
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            _remove_stale_socket(path)
+            old = os.umask(0o177)
+            try:
+                srv = await loop.create_unix_server(factory, path, backlog=256)
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+        else:
+            srv = await loop.create_server(factory, address.host, address.port, backlog=256)
+            sock = srv.sockets[0]
+            host, port = sock.getsockname()[:2]
+            address = Address("tcp", host=host, port=port)
+        self._listeners.append((srv, address))
+        log.info("listening on %s", address)
+        return address
+
+    @property
+    def addresses(self) -> list[Address]:
+        return [a for _, a in self._listeners]
+
+    def _admit(self, conn: ServerConnection) -> bool:
+        if self._closing or len(self.connections) >= self.max_clients:
+            return False
+        self.connections.add(conn)
+        return True
+
+    def _forget(self, conn: ServerConnection) -> None:
+        self.connections.discard(conn)
+
+    async def serve_forever(self) -> None:
+        await asyncio.gather(*(srv.serve_forever() for srv, _ in self._listeners))
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, let running calls finish for up to ``grace`` seconds, then close
+        every connection and remove the Unix socket files."""
+        self._closing = True
+        for srv, address in self._listeners:
+            srv.close()
+            if address.scheme == "unix":
+                try:
+                    os.unlink(address.path)
+                except FileNotFoundError:
+                    pass
+        conns = list(self.connections)
+        tasks = [t for c in conns for t in c.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for conn in conns:
+            conn.close_gracefully()
+        closing = [c.closed for c in conns]
+        if closing:
+            await asyncio.wait(closing, timeout=grace)
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.abort()
+        for srv, _ in self._listeners:
+            await srv.wait_closed()
+        self._listeners.clear()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a leftover socket file (a previous daemon that died); refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+    else:
+        raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+    finally:
+        probe.close()

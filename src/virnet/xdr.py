@@ -1,0 +1,397 @@
+"""A small declarative XDR schema (RFC 4506) for procedure arguments and replies.
+
+Types are objects with ``pack(packer, value)`` and ``unpack(unpacker)``; structs are
+dataclasses whose fields carry their XDR type in an ``Annotated`` hint::
+
+    @xdr.struct
+    class OpenArgs:
+        name: Annotated[str | None, xdr.optional(xdr.string(4194304))]
+        flags: xdr.UInt
+
+    data = xdr.encode(OpenArgs, OpenArgs("qemu:///system", 0))
+    args = xdr.decode(OpenArgs, data)
+
+Every limit is checked on both sides, and a decode error names the field it happened in
+(``XdrError.path``, for example ``"entries[3].name"``).  The primitives come from the wire
+core (compiled when available), so this layer only walks the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum as _enum
+import sys
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Generic, TypeVar, cast
+
+from ._impl import Packer, Unpacker
+from .errors import XdrError
+
+T = TypeVar("T")
+E = TypeVar("E", bound=_enum.IntEnum)
+Buffer = bytes | bytearray | memoryview
+
+_UINT_MAX = 0xFFFFFFFF
+
+
+class XdrType(Generic[T]):
+    """An XDR type: knows how to pack a Python value and unpack it again."""
+
+    name = "type"
+
+    def pack(self, packer: Any, value: T) -> None:
+        raise NotImplementedError
+
+    def unpack(self, unpacker: Any) -> T:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"xdr.{self.name}"
+
+
+class _Primitive(XdrType[T]):
+    def __init__(self, name: str, pack: Callable[[Any, Any], None], unpack: Callable[[Any], T]):
+        self.name = name
+        self.pack = pack  # type: ignore[method-assign]
+        self.unpack = unpack  # type: ignore[method-assign]
+
+
+int_: XdrType[int] = _Primitive("int", Packer.pack_int, Unpacker.unpack_int)
+uint: XdrType[int] = _Primitive("uint", Packer.pack_uint, Unpacker.unpack_uint)
+hyper: XdrType[int] = _Primitive("hyper", Packer.pack_hyper, Unpacker.unpack_hyper)
+uhyper: XdrType[int] = _Primitive("uhyper", Packer.pack_uhyper, Unpacker.unpack_uhyper)
+bool_: XdrType[bool] = _Primitive("bool", Packer.pack_bool, Unpacker.unpack_bool)
+float_: XdrType[float] = _Primitive("float", Packer.pack_float, Unpacker.unpack_float)
+double: XdrType[float] = _Primitive("double", Packer.pack_double, Unpacker.unpack_double)
+
+
+class _Void(XdrType[None]):
+    name = "void"
+
+    def pack(self, packer: Any, value: None) -> None:
+        if value is not None:
+            raise XdrError(f"void takes no value, got {type(value).__name__}")
+
+    def unpack(self, unpacker: Any) -> None:
+        return None
+
+
+void: XdrType[None] = _Void()
+
+
+class string(XdrType[str]):
+    """``string<maximum>``; the maximum counts UTF-8 bytes."""
+
+    def __init__(self, maximum: int = _UINT_MAX) -> None:
+        self.maximum = maximum
+        self.name = f"string({maximum})"
+
+    def pack(self, packer: Any, value: str) -> None:
+        packer.pack_string(value, self.maximum)
+
+    def unpack(self, unpacker: Any) -> str:
+        return cast(str, unpacker.unpack_string(self.maximum))
+
+
+class opaque(XdrType[bytes]):
+    """``opaque<maximum>``: variable-length bytes."""
+
+    def __init__(self, maximum: int = _UINT_MAX) -> None:
+        self.maximum = maximum
+        self.name = f"opaque({maximum})"
+
+    def pack(self, packer: Any, value: bytes) -> None:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise XdrError(f"bytes expected, got {type(value).__name__}")
+        packer.pack_opaque(value, self.maximum)
+
+    def unpack(self, unpacker: Any) -> bytes:
+        return cast(bytes, unpacker.unpack_opaque(self.maximum))
+
+
+class fixed_opaque(XdrType[bytes]):
+    """``opaque[size]``: exactly ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.name = f"fixed_opaque({size})"
+
+    def pack(self, packer: Any, value: bytes) -> None:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise XdrError(f"bytes expected, got {type(value).__name__}")
+        packer.pack_fopaque(self.size, value)
+
+    def unpack(self, unpacker: Any) -> bytes:
+        return cast(bytes, unpacker.unpack_fopaque(self.size))
+
+
+class optional(XdrType[T | None]):
+    """``T *``: ``None`` or a value of ``T``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner: XdrType[T] = type_of(inner)
+        self.name = f"optional({self.inner!r})"
+
+    def pack(self, packer: Any, value: T | None) -> None:
+        if value is None:
+            packer.pack_uint(0)
+        else:
+            packer.pack_uint(1)
+            self.inner.pack(packer, value)
+
+    def unpack(self, unpacker: Any) -> T | None:
+        flag = unpacker.unpack_uint()
+        if flag == 0:
+            return None
+        if flag != 1:
+            raise XdrError(f"optional flag must be 0 or 1, got {flag}")
+        return self.inner.unpack(unpacker)
+
+
+class array(XdrType[list[T]]):
+    """``T<maximum>``: a variable-length array."""
+
+    def __init__(self, element: Any, maximum: int = _UINT_MAX) -> None:
+        self.element: XdrType[T] = type_of(element)
+        self.maximum = maximum
+        self.name = f"array({self.element!r}, {maximum})"
+
+    def pack(self, packer: Any, value: Sequence[T]) -> None:
+        n = len(value)
+        if n > self.maximum:
+            raise XdrError(f"array of {n} elements exceeds its maximum of {self.maximum}")
+        packer.pack_uint(n)
+        element = self.element
+        for i, item in enumerate(value):
+            try:
+                element.pack(packer, item)
+            except XdrError as exc:
+                raise exc.at(f"[{i}]") from None
+
+    def unpack(self, unpacker: Any) -> list[T]:
+        n = unpacker.unpack_array_length(self.maximum)
+        element = self.element
+        out: list[T] = []
+        for i in range(n):
+            try:
+                out.append(element.unpack(unpacker))
+            except XdrError as exc:
+                raise exc.at(f"[{i}]") from None
+        return out
+
+
+class fixed_array(XdrType[list[T]]):
+    """``T[size]``: exactly ``size`` elements."""
+
+    def __init__(self, element: Any, size: int) -> None:
+        self.element: XdrType[T] = type_of(element)
+        self.size = size
+        self.name = f"fixed_array({self.element!r}, {size})"
+
+    def pack(self, packer: Any, value: Sequence[T]) -> None:
+        if len(value) != self.size:
+            raise XdrError(f"fixed array needs exactly {self.size} elements, got {len(value)}")
+        for i, item in enumerate(value):
+            try:
+                self.element.pack(packer, item)
+            except XdrError as exc:
+                raise exc.at(f"[{i}]") from None
+
+    def unpack(self, unpacker: Any) -> list[T]:
+        out: list[T] = []
+        for i in range(self.size):
+            try:
+                out.append(self.element.unpack(unpacker))
+            except XdrError as exc:
+                raise exc.at(f"[{i}]") from None
+        return out
+
+
+class enum(XdrType[E]):
+    """An XDR enum backed by a Python ``IntEnum``; unknown values are decode errors."""
+
+    def __init__(self, cls: type[E]) -> None:
+        self.cls = cls
+        self.name = f"enum({cls.__name__})"
+
+    def pack(self, packer: Any, value: E) -> None:
+        try:
+            member = self.cls(value)
+        except ValueError:
+            raise XdrError(f"{value!r} is not a valid {self.cls.__name__}") from None
+        packer.pack_int(int(member))
+
+    def unpack(self, unpacker: Any) -> E:
+        value = unpacker.unpack_int()
+        try:
+            return self.cls(value)
+        except ValueError:
+            raise XdrError(f"{value} is not a valid {self.cls.__name__}") from None
+
+
+_MISSING: Any = object()
+
+
+class union(XdrType[tuple[int, Any]]):
+    """A discriminated union; its Python value is ``(discriminant, arm_value)``.
+
+    ``arms`` maps discriminant values to arm types (``void`` for an empty arm);
+    ``default`` is the type of the ``default:`` arm, if the union has one.
+    """
+
+    def __init__(
+        self, discriminant: Any, arms: Mapping[int, Any], default: Any = _MISSING
+    ) -> None:
+        self.discriminant: XdrType[int] = type_of(discriminant)
+        self.arms = {int(k): type_of(v) for k, v in arms.items()}
+        self.default: XdrType[Any] | None = None if default is _MISSING else type_of(default)
+        self.name = "union"
+
+    def _arm(self, disc: int) -> XdrType[Any]:
+        arm = self.arms.get(disc, self.default)
+        if arm is None:
+            raise XdrError(f"no union arm for discriminant {disc}")
+        return arm
+
+    def pack(self, packer: Any, value: tuple[int, Any]) -> None:
+        try:
+            disc, inner = value
+        except (TypeError, ValueError):
+            raise XdrError("union value must be a (discriminant, value) pair") from None
+        arm = self._arm(int(disc))
+        self.discriminant.pack(packer, disc)
+        try:
+            arm.pack(packer, inner)
+        except XdrError as exc:
+            raise exc.at(f"<{disc}>") from None
+
+    def unpack(self, unpacker: Any) -> tuple[int, Any]:
+        disc = self.discriminant.unpack(unpacker)
+        arm = self._arm(int(disc))
+        try:
+            return (disc, arm.unpack(unpacker))
+        except XdrError as exc:
+            raise exc.at(f"<{disc}>") from None
+
+
+class StructType(XdrType[T]):
+    """The XDR type of an ``@struct`` class: its fields in declaration order."""
+
+    def __init__(self, cls: type[T], fields: list[tuple[str, XdrType[Any]]]) -> None:
+        self.cls = cls
+        self.fields = fields
+        self.name = cls.__name__
+
+    def pack(self, packer: Any, value: T) -> None:
+        if not isinstance(value, self.cls):
+            raise XdrError(f"{self.cls.__name__} expected, got {type(value).__name__}")
+        for name, ftype in self.fields:
+            try:
+                ftype.pack(packer, getattr(value, name))
+            except XdrError as exc:
+                raise exc.at(name) from None
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise XdrError(str(exc), name) from None
+
+    def unpack(self, unpacker: Any) -> T:
+        values = []
+        for name, ftype in self.fields:
+            try:
+                values.append(ftype.unpack(unpacker))
+            except XdrError as exc:
+                raise exc.at(name) from None
+        return self.cls(*values)
+
+
+def _field_type(owner: type, name: str, hint: Any) -> XdrType[Any]:
+    if typing.get_origin(hint) is Annotated:
+        for meta in reversed(hint.__metadata__):
+            if isinstance(meta, XdrType) or hasattr(meta, "__xdr_type__"):
+                return type_of(meta)
+    if isinstance(hint, type) and hasattr(hint, "__xdr_type__"):
+        return type_of(hint)
+    raise TypeError(
+        f"{owner.__name__}.{name}: annotate with Annotated[..., <xdr type>] or an @xdr.struct"
+    )
+
+
+def struct(cls: type[T]) -> type[T]:
+    """Make ``cls`` a dataclass (slots, positional ``__init__``) and an XDR struct."""
+    dc = dataclasses.dataclass(slots=True)(cls)
+    module = sys.modules.get(dc.__module__)
+    hints = typing.get_type_hints(
+        dc, globalns=vars(module) if module else None, include_extras=True
+    )
+    fields = [(f.name, _field_type(dc, f.name, hints[f.name])) for f in dataclasses.fields(dc)]
+    dc.__xdr_type__ = StructType(dc, fields)  # type: ignore[attr-defined]
+    return dc
+
+
+def type_of(spec: Any) -> XdrType[Any]:
+    """The ``XdrType`` for a type object, an ``@struct`` class, or ``None`` (void)."""
+    if spec is None:
+        return void
+    if isinstance(spec, XdrType):
+        return spec
+    xt = getattr(spec, "__xdr_type__", None)
+    if isinstance(xt, XdrType):
+        return xt
+    raise TypeError(f"{spec!r} is not an XDR type or @xdr.struct class")
+
+
+def encode(spec: Any, value: Any) -> bytes:
+    """Encode ``value`` as the XDR type ``spec`` (an XdrType, a struct class or None)."""
+    packer = Packer()
+    type_of(spec).pack(packer, value)
+    return cast(bytes, packer.getvalue())
+
+
+def decode(spec: Any, data: Buffer) -> Any:
+    """Decode all of ``data`` as ``spec``; leftover bytes are an error."""
+    unpacker = Unpacker(data)
+    value = type_of(spec).unpack(unpacker)
+    unpacker.done()
+    return value
+
+
+# Annotated aliases for struct fields.
+Int = Annotated[int, int_]
+UInt = Annotated[int, uint]
+Hyper = Annotated[int, hyper]
+UHyper = Annotated[int, uhyper]
+Bool = Annotated[bool, bool_]
+Float = Annotated[float, float_]
+Double = Annotated[float, double]
+
+__all__ = [
+    "Bool",
+    "Double",
+    "Float",
+    "Hyper",
+    "Int",
+    "StructType",
+    "UHyper",
+    "UInt",
+    "XdrType",
+    "array",
+    "bool_",
+    "decode",
+    "double",
+    "encode",
+    "enum",
+    "fixed_array",
+    "fixed_opaque",
+    "float_",
+    "hyper",
+    "int_",
+    "opaque",
+    "optional",
+    "string",
+    "struct",
+    "type_of",
+    "uhyper",
+    "uint",
+    "union",
+    "void",
+]
