@@ -4,7 +4,7 @@ It is the interface of the pure twin ``virnet._wire_py``, name for name.
 """
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, final
 
 Buffer = bytes | bytearray | memoryview
 
@@ -12,6 +12,7 @@ SCRATCH_SIZE: Final[int]
 DIRECT_THRESHOLD: Final[int]
 IS_COMPILED: Final[bool]
 
+@final
 class Message:
     """One received packet: the header fields and the payload (bytes-like, maybe a view)."""
 
@@ -32,11 +33,12 @@ class Message:
         status: int,
         payload: Buffer,
     ) -> None: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     __hash__ = None  # type: ignore[assignment]
 
 def check_length(length: int, max_message: int) -> None: ...
 
+@final
 class FrameDecoder:
     max_message: int
     def __init__(self, max_message: int = ..., scratch_size: int = ...) -> None: ...
