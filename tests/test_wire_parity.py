@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from virnet import _wire_py as py_wire
-from virnet.errors import ProtocolError
+from virnet.errors import ProtocolError, XdrError
 
 try:
     from virnet import _wire as c_wire
@@ -964,3 +964,42 @@ def test_unpacker_sequence_round_trip() -> None:
 
     result = same(run)
     assert result[0] == "ok"
+
+
+# ----------------------------------------------------------------------------- misc
+
+
+def test_pickle_and_copy() -> None:
+    import copy
+    import pickle
+
+    for mod in (py_wire, c_wire):
+        msg = mod.Message(PROG, 1, 2, 3, 4, 5, b"abc")
+        assert pickle.loads(pickle.dumps(msg)) == msg
+        assert copy.copy(msg) == msg
+        packer = mod.Packer()
+        packer.pack_string("hello")
+        assert pickle.loads(pickle.dumps(packer)).getvalue() == packer.getvalue()
+        assert copy.deepcopy(packer).getvalue() == packer.getvalue()
+        # Neither can be pickled (and the compiled one must not crash trying).
+        for obj in (mod.FrameDecoder(), mod.Unpacker(b"abcd")):
+            with pytest.raises(TypeError):
+                pickle.dumps(obj)
+
+
+def test_uninitialised_objects_do_not_crash() -> None:
+    dec = c_wire.FrameDecoder.__new__(c_wire.FrameDecoder)
+    with pytest.raises(RuntimeError):
+        dec.get_buffer(-1)
+    with pytest.raises(RuntimeError):
+        dec.buffer_updated(1)
+    with pytest.raises(RuntimeError):
+        dec.feed(b"abc")
+    assert dec.feed(b"") == []
+    unpacker = c_wire.Unpacker.__new__(c_wire.Unpacker)
+    with pytest.raises(XdrError):
+        unpacker.unpack_int()
+    assert unpacker.unpack_fopaque(0) == b""
+    packer = c_wire.Packer.__new__(c_wire.Packer)
+    packer.pack_hyper(1)
+    assert packer.getvalue() == b"\0" * 7 + b"\1"

@@ -32,7 +32,11 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromSt
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.memoryview cimport PyMemoryView_Check, PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
+from cpython.memoryview cimport (
+    PyMemoryView_Check,
+    PyMemoryView_FromObject,
+    PyMemoryView_GET_BUFFER,
+)
 from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH
 from libc.math cimport isinf
@@ -272,7 +276,10 @@ cdef long long _clamp_limit(object value) except? -1:
     return math.floor(value)
 
 
+# Not picklable, like the twin (whose memoryviews refuse).  auto_pickle would also take the
+# unsigned char* fields for C strings and read through them.
 @cython.final
+@cython.auto_pickle(False)
 cdef class FrameDecoder:
     """Turns received bytes into ``Message`` objects; made for ``BufferedProtocol``.
 
@@ -656,6 +663,15 @@ cdef int _pack_slow(Packer self, value, lo, hi, str what, st) except -1:
     return _put_bytes(self, st.pack(value))
 
 
+def _restore_packer(cls, data):
+    """Unpickle a Packer (or subclass) with ``data`` already packed."""
+    cdef Packer packer = cls.__new__(cls)
+    cdef Py_ssize_t n = len(<bytes>data)
+    memcpy(_room(packer, n), PyBytes_AS_STRING(data), <size_t>n)
+    return packer
+
+
+@cython.auto_pickle(False)
 cdef class Packer:
     """Appends XDR-encoded values to a growing buffer (RFC 4506)."""
 
@@ -670,6 +686,10 @@ cdef class Packer:
     def __dealloc__(self):
         if self._buf != self._small:
             PyMem_Free(self._buf)
+
+    def __reduce__(self):
+        # Picklable and copyable like the twin: the bytes so far, plus a subclass's __dict__.
+        return (_restore_packer, (type(self), self.getvalue()), getattr(self, "__dict__", None))
 
     def getvalue(self):
         return PyBytes_FromStringAndSize(self._buf, self._len)
@@ -828,6 +848,7 @@ cdef uint32_t _read_length(
     return n
 
 
+@cython.auto_pickle(False)
 cdef class Unpacker:
     """Reads XDR values from a buffer, checking every length against what is left."""
 

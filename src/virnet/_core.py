@@ -152,6 +152,9 @@ class ConnectionCore:
     def on_unrouted_stream(self, msg: Message) -> None:
         """A stream packet matched no open stream: dropped (it may be a late packet)."""
 
+    def on_pong(self) -> None:
+        """A keepalive PONG arrived (``virnet ping`` measures round trips with it)."""
+
     def on_output(self) -> None:
         """Packets were queued; the glue should schedule a flush."""
 
@@ -229,7 +232,9 @@ class ConnectionCore:
         if msg.proc == KEEPALIVE_PING:
             # Always answered, negotiated or not, as libvirt does.
             self.queue_urgent(_PONG)
-        elif msg.proc != KEEPALIVE_PONG:
+        elif msg.proc == KEEPALIVE_PONG:
+            self.on_pong()
+        else:
             raise ProtocolError(f"unknown keepalive procedure {msg.proc}")
 
     # ------------------------------------------------------------------ bytes out

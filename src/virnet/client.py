@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -40,6 +41,14 @@ class ClientProtocol(RPCProtocol):
         super().__init__(is_client=True, **kwargs)
         self.waiters: dict[int, asyncio.Future[tuple[int, Buffer]]] = {}
         self.subscribers: dict[tuple[int, int, int], list[Callable[[Message], None]]] = {}
+        self.pong_waiters: list[asyncio.Future[None]] = []
+
+    def on_pong(self) -> None:
+        waiters = self.pong_waiters
+        self.pong_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def on_reply(self, serial: int, status: int, payload: Buffer) -> None:
         fut = self.waiters.pop(serial, None)
@@ -59,9 +68,10 @@ class ClientProtocol(RPCProtocol):
                 log.exception("event callback %r failed", cb)
 
     def on_closed(self, exc: BaseException) -> None:
-        waiters = self.waiters
+        waiters = list(self.waiters.values()) + self.pong_waiters
         self.waiters = {}
-        for fut in waiters.values():
+        self.pong_waiters = []
+        for fut in waiters:
             if not fut.done():
                 fut.set_exception(exc)
 
@@ -175,6 +185,25 @@ class Client:
         return unsubscribe
 
     # ------------------------------------------------------------------ keepalive
+    async def ping(self, timeout: float | None = 10.0) -> float:
+        """Send a keepalive PING and wait for a PONG; returns the round trip in seconds.
+
+        Every libvirt and virnet peer answers PING, negotiated or not.
+        """
+        proto = self._proto
+        if proto.transport is None:
+            raise proto.close_exc or ConnectionClosedError("connection closed")
+        fut: asyncio.Future[None] = proto.loop.create_future()
+        proto.pong_waiters.append(fut)
+        start = time.perf_counter()  # loop.time() may tick in whole milliseconds
+        proto.ping()
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise CallTimeoutError(f"no PONG within {timeout} s") from None
+        return time.perf_counter() - start
+
     def enable_keepalive(self) -> None:
         """Start sending keepalive PINGs (call only once the peer is known to support
         them: negotiated in HELLO, or CONNECT_SUPPORTS_FEATURE(10) against libvirtd)."""

@@ -1,0 +1,489 @@
+#!/usr/bin/env python
+"""Bulk-data throughput of virnet against the raw uvloop pump, side by side in one run.
+
+Usage::
+
+    python bench/throughput.py [--quick] [--json FILE] [--only SUBSTRING ...]
+
+Every scenario moves a fixed volume from a *sender* process to a *receiver* process (two
+processes: the machine has 2 cores and one Python process per side is how virnet is
+deployed).  The receiver times the transfer from its first received byte to its last and
+reports the seconds on stdout; the parent turns that into GB/s (10^9 bytes/s).  All
+scenarios are repeated ``--repeat`` times, interleaved round by round (anchor, framing, ...,
+anchor, framing, ...), so that a noisy neighbour hurts all of them alike.  The table shows
+the median and the ratio to the median of the anchor, the raw uvloop pump over a Unix
+socket, taken in the same run.  Only such ratios are comparable between runs.
+
+Scenarios (each a function ``run(nbytes, workdir) -> seconds``; add more to ``SCENARIOS``):
+
+* ``raw uvloop pump, unix`` -- the anchor: 256 KiB ``transport.write`` calls honouring
+  ``pause_writing``/``resume_writing``; the receiver is a ``BufferedProtocol`` that counts
+  bytes received into one fixed 256 KiB buffer.
+* ``virnet framing, compiled|pure, unix`` -- the same pump, but the sender frames each
+  262120-byte block with ``encode_stream_data`` (``writelines`` of header + memoryview) and
+  the receiver decodes with ``FrameDecoder`` (``get_buffer``/``buffer_updated``) and counts
+  payload bytes.  The twin is chosen in the child with ``VIRNET_NO_EXTENSIONS``.
+* ``..., tcp`` -- TCP loopback variants of the anchor and of compiled framing.
+
+Both sides use the same transport write-buffer limits as virnet (``_protocol.py``:
+high 4 MiB, low 1 MiB).
+
+Extension point: later scenarios (real virnet upload/download streams, 8 concurrent
+streams, libvirt's ``vol-upload``/``vol-download``, grpcio) are more ``Scenario`` entries
+whose ``run`` starts the two processes and returns the seconds for ``nbytes``; the child
+roles they need go into ``ROLES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GiB = 1024**3
+MiB = 1024**2
+BLOCK = 256 * 1024  # raw pump write size
+STREAM_CHUNK = 262120  # virnet's data packet payload (one packet per writelines)
+HIGH_WATER = 4 * MiB  # same as virnet._protocol.WRITE_HIGH_WATER
+LOW_WATER = 1 * MiB
+
+PROG = 0x20008086
+VERS = 1
+PROC = 1
+SERIAL = 1
+
+# ============================================================================ child side
+# Everything below up to "parent side" runs in the sender/receiver processes.
+
+
+class _Receiver(asyncio.BufferedProtocol):
+    """Counts bytes until ``total`` arrived; times first byte to last byte."""
+
+    def __init__(self, total: int, done: asyncio.Future[float]) -> None:
+        self.total = total
+        self.done = done
+        self.count = 0
+        self.t0 = 0.0
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        _nodelay(transport)
+
+    def _finish(self) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if not self.done.done():
+            self.done.set_result(elapsed)
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(
+                RuntimeError(f"connection lost after {self.count} of {self.total} bytes: {exc}")
+            )
+
+
+class RawReceiver(_Receiver):
+    """The anchor's receiver: one fixed 256 KiB buffer, bytes only counted."""
+
+    def __init__(self, total: int, done: asyncio.Future[float]) -> None:
+        super().__init__(total, done)
+        self.buf = memoryview(bytearray(BLOCK))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.count == 0:
+            self.t0 = time.perf_counter()
+        self.count += nbytes
+        if self.count >= self.total:
+            self._finish()
+
+
+class FramedReceiver(_Receiver):
+    """Receives into virnet's ``FrameDecoder`` and counts STREAM payload bytes."""
+
+    def __init__(self, total: int, done: asyncio.Future[float]) -> None:
+        super().__init__(total, done)
+        from virnet._impl import FrameDecoder
+
+        self.decoder = FrameDecoder()
+        self.get_buffer = self.decoder.get_buffer  # type: ignore[method-assign]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.t0 == 0.0:
+            self.t0 = time.perf_counter()
+        for msg in self.decoder.buffer_updated(nbytes):
+            if msg.type != 3:
+                raise RuntimeError(f"unexpected packet type {msg.type}")
+            self.count += len(msg.payload)
+        if self.count >= self.total:
+            self._finish()
+
+
+class _Sender(asyncio.Protocol):
+    """Writes ``total`` bytes as fast as flow control allows, then closes."""
+
+    block = BLOCK
+
+    def __init__(self, total: int, done: asyncio.Future[None]) -> None:
+        self.remaining = total
+        self.done = done
+        self.paused = False
+        self.closing = False
+        self.transport: Any = None
+        self.view = memoryview(os.urandom(self.block))
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        _nodelay(transport)
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        self.pump()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.pump()
+
+    def send(self, n: int) -> None:
+        raise NotImplementedError
+
+    def pump(self) -> None:
+        block = self.block
+        send = self.send
+        while not self.paused and self.remaining > 0:
+            n = block if self.remaining > block else self.remaining
+            send(n)
+            self.remaining -= n
+        if self.remaining == 0 and not self.closing:
+            self.closing = True
+            self.transport.close()  # flushes what is buffered first
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            if self.remaining or exc is not None:
+                self.done.set_exception(RuntimeError(f"sender lost its connection: {exc}"))
+            else:
+                self.done.set_result(None)
+
+
+class RawSender(_Sender):
+    """The anchor's sender: plain 256 KiB ``transport.write`` calls."""
+
+    def send(self, n: int) -> None:
+        self.transport.write(self.view if n == BLOCK else self.view[:n])
+
+
+class FramedSender(_Sender):
+    """One virnet STREAM packet (262120-byte payload) per ``writelines`` call."""
+
+    block = STREAM_CHUNK
+
+    def __init__(self, total: int, done: asyncio.Future[None]) -> None:
+        super().__init__(total, done)
+        from virnet._impl import encode_stream_data
+
+        self.encode = encode_stream_data
+
+    def send(self, n: int) -> None:
+        view = self.view if n == STREAM_CHUNK else self.view[:n]
+        self.transport.writelines(self.encode(PROG, VERS, PROC, SERIAL, view))
+
+
+def _nodelay(transport: Any) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _serve_receiver(proto_cls: type[_Receiver], addr: str, total: int) -> float:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[float] = loop.create_future()
+
+    def factory() -> _Receiver:
+        return proto_cls(total, done)
+
+    if addr.startswith("unix:"):
+        path = addr[len("unix:") :]
+        server = await loop.create_unix_server(factory, path, backlog=1)
+        ready = addr
+    else:
+        host, _, port = addr[len("tcp:") :].rpartition(":")
+        server = await loop.create_server(factory, host, int(port), backlog=1)
+        h, p = server.sockets[0].getsockname()[:2]
+        ready = f"tcp:{h}:{p}"
+    print(f"READY {ready}", flush=True)
+    try:
+        return await done
+    finally:
+        server.close()
+
+
+async def _run_sender(proto_cls: type[_Sender], addr: str, total: int) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def factory() -> _Sender:
+        return proto_cls(total, done)
+
+    if addr.startswith("unix:"):
+        await loop.create_unix_connection(factory, addr[len("unix:") :])
+    else:
+        host, _, port = addr[len("tcp:") :].rpartition(":")
+        await loop.create_connection(factory, host, int(port))
+    await done
+
+
+#: Child roles: name -> (kind, protocol class).  New scenarios add their roles here.
+ROLES: dict[str, tuple[str, type[Any]]] = {
+    "raw-recv": ("recv", RawReceiver),
+    "raw-send": ("send", RawSender),
+    "framed-recv": ("recv", FramedReceiver),
+    "framed-send": ("send", FramedSender),
+}
+
+
+def child_main(role: str, addr: str, total: int, core: str | None) -> None:
+    import uvloop
+
+    if core is not None:
+        import virnet
+
+        want = core == "compiled"
+        if virnet.compiled != want:
+            raise SystemExit(f"child {role}: wanted the {core} core, got the other one")
+    kind, cls = ROLES[role]
+    if kind == "recv":
+        elapsed = uvloop.run(_serve_receiver(cls, addr, total))
+        print(f"RESULT {elapsed!r}", flush=True)
+    else:
+        uvloop.run(_run_sender(cls, addr, total))
+
+
+# ============================================================================ parent side
+
+
+def _child_cmd(role: str, addr: str, total: int, core: str | None) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--addr", addr]
+    cmd += ["--bytes", str(total)]
+    if core is not None:
+        cmd += ["--core", core]
+    return cmd
+
+
+def _child_env(core: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("VIRNET_NO_EXTENSIONS", None)
+    if core == "pure":
+        env["VIRNET_NO_EXTENSIONS"] = "1"
+    return env
+
+
+def run_pair(
+    recv_role: str,
+    send_role: str,
+    nbytes: int,
+    workdir: Path,
+    *,
+    tcp: bool = False,
+    core: str | None = None,
+) -> float:
+    """Start a receiver and a sender process; return the receiver's seconds for nbytes."""
+    addr = "tcp:127.0.0.1:0" if tcp else f"unix:{workdir / 'pump.sock'}"
+    if not tcp:
+        try:
+            os.unlink(workdir / "pump.sock")
+        except FileNotFoundError:
+            pass
+    timeout = 60 + nbytes / 20e6  # generous: 20 MB/s is far below anything expected
+    env = _child_env(core)
+    recv = subprocess.Popen(
+        _child_cmd(recv_role, addr, nbytes, core), stdout=subprocess.PIPE, text=True, env=env
+    )
+    send: subprocess.Popen[str] | None = None
+    try:
+        assert recv.stdout is not None
+        line = recv.stdout.readline().split()
+        if len(line) != 2 or line[0] != "READY":
+            raise RuntimeError(f"receiver {recv_role} did not start: {line!r}")
+        send = subprocess.Popen(_child_cmd(send_role, line[1], nbytes, core), env=env)
+        out, _ = recv.communicate(timeout=timeout)
+        if send.wait(timeout=30) != 0 or recv.returncode != 0:
+            raise RuntimeError(
+                f"{send_role}/{recv_role} failed: rc {send.returncode}/{recv.returncode}"
+            )
+        for ln in out.splitlines():
+            if ln.startswith("RESULT "):
+                return float(ln.split()[1])
+        raise RuntimeError(f"receiver {recv_role} reported no result")
+    finally:
+        for p in (send, recv):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def pump_scenario(
+    recv_role: str, send_role: str, *, tcp: bool = False, core: str | None = None
+) -> Callable[[int, Path], float]:
+    def run(nbytes: int, workdir: Path) -> float:
+        return run_pair(recv_role, send_role, nbytes, workdir, tcp=tcp, core=core)
+
+    return run
+
+
+@dataclass
+class Scenario:
+    name: str
+    run: Callable[[int, Path], float]  # seconds to move nbytes
+    anchor: bool = False
+    samples: list[float] = field(default_factory=list)  # GB/s per repetition
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("raw uvloop pump, unix", pump_scenario("raw-recv", "raw-send"), anchor=True),
+    Scenario(
+        "virnet framing, compiled, unix",
+        pump_scenario("framed-recv", "framed-send", core="compiled"),
+    ),
+    Scenario(
+        "virnet framing, pure, unix",
+        pump_scenario("framed-recv", "framed-send", core="pure"),
+    ),
+    Scenario("raw uvloop pump, tcp", pump_scenario("raw-recv", "raw-send", tcp=True)),
+    Scenario(
+        "virnet framing, compiled, tcp",
+        pump_scenario("framed-recv", "framed-send", tcp=True, core="compiled"),
+    ),
+    # Extension points (add when they exist; never list placeholders):
+    #   "virnet upload, compiled|pure", "virnet download, compiled|pure",
+    #   "virnet 8 concurrent streams", "virnet upload/download, tcp",
+    #   "libvirt vol-upload / vol-download" (python3-libvirt + libvirtd), "grpcio streaming".
+]
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    for mod in ("uvloop", "Cython", "virnet"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            info[mod] = None
+    return info
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+        print(title)
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+        for r in rows:
+            print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+        return
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in columns))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="512 MiB x 2 instead of 4 GiB x 5")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--bytes", type=int, help="volume per transfer (default by mode)")
+    ap.add_argument("--repeat", type=int, help="repetitions per scenario (default by mode)")
+    ap.add_argument("--only", action="append", help="run scenarios whose name contains this")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--addr", help=argparse.SUPPRESS)
+    ap.add_argument("--core", choices=["compiled", "pure"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        child_main(args.child, args.addr, args.bytes, args.core)
+        return 0
+
+    nbytes = args.bytes or (512 * MiB if args.quick else 4 * GiB)
+    repeat = args.repeat or (2 if args.quick else 5)
+    scenarios = [
+        s for s in SCENARIOS if s.anchor or not args.only or any(o in s.name for o in args.only)
+    ]
+    info = machine_info()
+    print(
+        f"throughput: {nbytes / MiB:.0f} MiB per transfer, {repeat} repetitions, "
+        f"{len(scenarios)} scenarios; {info}",
+        flush=True,
+    )
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="virnet-bench-") as tmp:
+        for rep in range(repeat):
+            for sc in scenarios:
+                secs = sc.run(nbytes, Path(tmp))
+                sc.samples.append(nbytes / secs / 1e9)
+                print(f"  [{rep + 1}/{repeat}] {sc.name}: {sc.samples[-1]:.2f} GB/s", flush=True)
+    wall = time.perf_counter() - started
+
+    anchor = next((s for s in scenarios if s.anchor), None)
+    anchor_median = statistics.median(anchor.samples) if anchor else None
+    results = []
+    rows = []
+    for sc in scenarios:
+        med = statistics.median(sc.samples)
+        ratio = med / anchor_median if anchor_median else None
+        results.append({"name": sc.name, "value": round(med, 4), "unit": "GB/s", "ratio": ratio})
+        rows.append(
+            {
+                "scenario": sc.name,
+                "GB/s (median)": f"{med:.2f}",
+                "min..max": f"{min(sc.samples):.2f}..{max(sc.samples):.2f}",
+                "ratio to anchor": f"{ratio:.2f}" if ratio is not None else "-",
+            }
+        )
+    print_table(
+        f"throughput, {nbytes / MiB:.0f} MiB x {repeat}, wall {wall:.0f} s",
+        rows,
+        ["scenario", "GB/s (median)", "min..max", "ratio to anchor"],
+    )
+    if args.json:
+        doc = {
+            "scenarios": results,
+            "meta": {
+                "bytes": nbytes,
+                "repeat": repeat,
+                "wall_s": wall,
+                "machine": info,
+                "samples": {s.name: s.samples for s in scenarios},
+            },
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

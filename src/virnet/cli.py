@@ -1,0 +1,178 @@
+"""``virnet``: the command-line client (SPEC section 5).
+
+Exit status: 0 success, 1 the operation failed (one ``virnet: error: ...`` line on
+stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import _loop
+from ._uri import default_uri
+from .client import Client, connect
+from .errors import VirnetError
+from .services import files as f
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _kind_name(kind: int) -> str:
+    return {1: "file", 2: "directory", 3: "other"}.get(kind, f"kind {kind}")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+async def cmd_ping(client: Client, args: argparse.Namespace) -> int:
+    for i in range(args.count):
+        rtt = await client.ping()
+        if not args.quiet:
+            print(f"pong from {client.address}: seq={i + 1} time={rtt * 1000:.3f} ms")
+        if i + 1 < args.count:
+            await asyncio.sleep(args.interval)
+    return EXIT_OK
+
+
+async def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    reply = await client.call(f.LIST, f.PathArgs(args.path))
+    if args.json:
+        print(json.dumps([
+            {"name": e.name, "kind": _kind_name(e.kind), "size": e.size} for e in reply.entries
+        ]))
+        return EXIT_OK
+    for e in reply.entries:
+        suffix = "/" if e.kind == f.Kind.DIRECTORY else ""
+        print(f"{_kind_name(e.kind):9} {e.size:>15} {e.name}{suffix}")
+    return EXIT_OK
+
+
+async def cmd_stat(client: Client, args: argparse.Namespace) -> int:
+    st = await client.call(f.STAT, f.PathArgs(args.path))
+    info = {
+        "path": args.path,
+        "kind": _kind_name(st.kind),
+        "size": st.size,
+        "allocation": st.allocation,
+        "mtime_ns": st.mtime_ns,
+        "mode": f"{st.mode:04o}",
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            extra = f" ({_size(value)})" if key in ("size", "allocation") else ""
+            print(f"{key + ':':12}{value}{extra}")
+    return EXIT_OK
+
+
+async def cmd_rm(client: Client, args: argparse.Namespace) -> int:
+    await client.call(f.DELETE, f.PathArgs(args.path))
+    return EXIT_OK
+
+
+async def cmd_mkdir(client: Client, args: argparse.Namespace) -> int:
+    await client.call(f.MKDIR, f.PathArgs(args.path))
+    return EXIT_OK
+
+
+async def cmd_checksum(client: Client, args: argparse.Namespace) -> int:
+    reply = await client.call(f.CHECKSUM, f.ChecksumArgs(args.path, args.algorithm))
+    print(f"{reply.digest.hex()}  {args.path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="virnet", description="Client for virnetd.")
+    p.add_argument("-c", "--connect", metavar="URI", default=None,
+                   help="daemon URI (default $VIRNET_DEFAULT_URI or the local socket)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    sp = sub.add_parser("ping", help="measure keepalive round trips")
+    sp.add_argument("--count", type=int, default=1)
+    sp.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_ping)
+
+    sp = sub.add_parser("ls", help="list a directory")
+    sp.add_argument("path", nargs="?", default="")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_ls)
+
+    sp = sub.add_parser("stat", help="show a path's metadata")
+    sp.add_argument("path")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_stat)
+
+    sp = sub.add_parser("rm", help="delete a file or an empty directory")
+    sp.add_argument("path")
+    sp.set_defaults(func=cmd_rm)
+
+    sp = sub.add_parser("mkdir", help="create a directory")
+    sp.add_argument("path")
+    sp.set_defaults(func=cmd_mkdir)
+
+    sp = sub.add_parser("checksum", help="checksum a file on the daemon")
+    sp.add_argument("path")
+    sp.add_argument("--algorithm", default="sha256")
+    sp.set_defaults(func=cmd_checksum)
+
+    sp = sub.add_parser("demo", help="start an embedded daemon and tour virnet")
+    sp.add_argument("--size", default="256M", help="bytes to push through the wire core")
+    sp.set_defaults(func=None, demo=True)
+    return p
+
+
+async def _with_client(
+    uri: str, func: Callable[[Client, argparse.Namespace], Awaitable[int]], args: Any
+) -> int:
+    async with await connect(uri) as client:
+        return await func(client, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) and EXIT_USAGE
+    if getattr(args, "demo", False):
+        from .demo import run_demo
+
+        try:
+            return _loop.run(run_demo(args.size, quiet=args.quiet))
+        except (VirnetError, OSError, ValueError) as exc:
+            print(f"virnet: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    if getattr(args, "count", 1) < 1:
+        print("virnet: error: --count must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    uri = args.connect or default_uri()
+    try:
+        return _loop.run(_with_client(uri, args.func, args))
+    except (VirnetError, OSError, ValueError) as exc:
+        print(f"virnet: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("virnet: error: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""virnetd: the daemon serving FILES (and later CONSOLE and MIGRATION) over virnet."""

@@ -1,0 +1,65 @@
+"""Assembling and running a daemon: the server, its services, its listeners, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from ..server import Server
+from .config import DaemonConfig
+from .files import FilesService
+from .paths import Root
+
+log = logging.getLogger("virnet.daemon")
+
+
+class Daemon:
+    """A configured virnetd; ``await start()``, then ``await stop()``."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config.finish()
+        self.root = Root(self.config.root)
+        self.server = Server(
+            max_message=config.max_message,
+            max_clients=config.max_clients,
+            max_calls=config.max_calls,
+            keepalive_interval=config.keepalive_interval,
+            keepalive_count=config.keepalive_count,
+            window=config.window,
+        )
+        self.files = FilesService(self.root)
+        self.files.register(self.server)
+
+    async def start(self) -> list[str]:
+        uris = []
+        for uri in self.config.listen:
+            uris.append(str(await self.server.listen(uri)))
+        for uri in self.config.listen_readonly:
+            uris.append(str(await self.server.listen(uri, readonly=True)))
+        return uris
+
+    async def stop(self) -> None:
+        await self.server.close()
+
+
+async def run(config: DaemonConfig) -> int:
+    daemon = Daemon(config)
+    try:
+        uris = await daemon.start()
+    except (OSError, ValueError) as exc:
+        print(f"virnetd: error: {exc}", file=sys.stderr)
+        return 1
+    for uri in uris:
+        print(f"virnetd: listening on {uri}", file=sys.stderr, flush=True)
+    log.info("data root %s", daemon.root.path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    print("virnetd: stopping", file=sys.stderr, flush=True)
+    await daemon.stop()
+    return 0

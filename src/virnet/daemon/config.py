@@ -1,0 +1,74 @@
+"""virnetd's configuration: defaults, then an optional TOML file, then command-line flags.
+
+Example ``virnetd.toml``::
+
+    listen = ["unix:///run/virnet/virnetd.sock", "tcp://127.0.0.1:16600"]
+    listen_readonly = ["unix:///run/virnet/virnetd-ro.sock"]
+    root = "/srv/virnet"
+    log_level = "info"
+    max_message = 33554432
+    max_clients = 1024
+    max_streams = 64
+    max_calls = 256
+    keepalive_interval = 5
+    keepalive_count = 5
+    window = 4194304
+
+    [consoles]
+    shell = "/bin/bash"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .._uri import default_socket_path
+
+
+@dataclass
+class DaemonConfig:
+    listen: list[str] = field(default_factory=list)
+    listen_readonly: list[str] = field(default_factory=list)
+    root: str = ""
+    consoles: dict[str, str] = field(default_factory=dict)
+    log_level: str = "info"
+    max_message: int = 32 * 1024 * 1024
+    max_clients: int = 1024
+    max_streams: int = 64
+    max_calls: int = 256
+    keepalive_interval: float = 5.0
+    keepalive_count: int = 5
+    window: int = 4 * 1024 * 1024
+
+    def finish(self) -> DaemonConfig:
+        """Fill in environment-dependent defaults."""
+        if not self.listen and not self.listen_readonly:
+            self.listen = [f"unix://{default_socket_path()}"]
+        if not self.root:
+            self.root = os.environ.get("VIRNET_ROOT") or "./virnet-data"
+        return self
+
+    @classmethod
+    def from_file(cls, path: str) -> DaemonConfig:
+        with open(path, "rb") as fh:
+            data: dict[str, Any] = tomllib.load(fh)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings: {', '.join(sorted(unknown))}")
+        cfg = cls()
+        for key, value in data.items():
+            default = getattr(cfg, key)
+            if isinstance(default, list) and isinstance(value, str):
+                value = [value]
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)
+            if type(value) is not type(default):
+                raise ValueError(
+                    f"{path}: {key} must be {type(default).__name__}, not {type(value).__name__}"
+                )
+            setattr(cfg, key, value)
+        return cfg

@@ -1,0 +1,126 @@
+"""Handlers of the FILES program (non-stream procedures; UPLOAD/DOWNLOAD live with the
+stream machinery).  Blocking file-system work runs in a worker thread so one slow disk
+operation never stalls the event loop that serves every client."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from typing import Any
+
+from ..errors import ErrorCode, ErrorDomain, RPCError
+from ..server import CallContext, Server
+from ..services import files as f
+from .paths import Root, path_error, system_error
+
+CHECKSUM_BLOCK = 1024 * 1024
+
+
+def _kind(mode: int) -> f.Kind:
+    if stat.S_ISREG(mode):
+        return f.Kind.FILE
+    if stat.S_ISDIR(mode):
+        return f.Kind.DIRECTORY
+    return f.Kind.OTHER
+
+
+class FilesService:
+    def __init__(self, root: Root) -> None:
+        self.root = root
+
+    def register(self, server: Server) -> None:
+        server.register(f.STAT, self.stat, readonly=True)
+        server.register(f.LIST, self.list, readonly=True)
+        server.register(f.CHECKSUM, self.checksum, readonly=True)
+        server.register(f.DELETE, self.delete)
+        server.register(f.MKDIR, self.mkdir)
+
+    async def stat(self, ctx: CallContext, args: f.PathArgs) -> f.StatReply:
+        path = self.root.resolve(args.path)
+        try:
+            st = await asyncio.to_thread(os.stat, path)
+        except OSError as exc:
+            raise system_error(exc, f"stat {args.path!r}") from None
+        return f.StatReply(
+            int(_kind(st.st_mode)),
+            st.st_size,
+            st.st_blocks * 512,
+            st.st_mtime_ns,
+            stat.S_IMODE(st.st_mode),
+        )
+
+    async def list(self, ctx: CallContext, args: f.PathArgs) -> f.ListReply:
+        path = self.root.resolve(args.path)
+
+        def scan() -> list[f.Entry]:
+            out = []
+            with os.scandir(path) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    out.append(f.Entry(entry.name, int(_kind(st.st_mode)), st.st_size))
+            out.sort(key=lambda e: e.name)
+            return out
+
+        try:
+            return f.ListReply(await asyncio.to_thread(scan))
+        except OSError as exc:
+            raise system_error(exc, f"list {args.path!r}") from None
+
+    async def delete(self, ctx: CallContext, args: f.PathArgs) -> None:
+        path = self.root.resolve(args.path, follow_last=False)
+        if path == self.root.path:
+            raise path_error("refusing to delete the data root")
+
+        def remove() -> None:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+
+        try:
+            await asyncio.to_thread(remove)
+        except OSError as exc:
+            raise system_error(exc, f"delete {args.path!r}") from None
+
+    async def mkdir(self, ctx: CallContext, args: f.PathArgs) -> None:
+        path = self.root.resolve(args.path, follow_last=False)
+        try:
+            await asyncio.to_thread(os.mkdir, path, 0o755)
+        except OSError as exc:
+            raise system_error(exc, f"create directory {args.path!r}") from None
+
+    async def checksum(self, ctx: CallContext, args: f.ChecksumArgs) -> f.ChecksumReply:
+        algorithm = args.algorithm.lower()
+        if algorithm not in hashlib.algorithms_available:
+            raise RPCError(
+                f"unsupported checksum algorithm {args.algorithm!r}",
+                code=ErrorCode.INVALID_ARG,
+                domain=ErrorDomain.STORAGE,
+            )
+        path = self.root.resolve(args.path)
+
+        def digest() -> bytes:
+            h: Any = hashlib.new(algorithm)
+            with open(path, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise IsADirectoryError(21, "not a regular file")
+                buf = bytearray(CHECKSUM_BLOCK)
+                view = memoryview(buf)
+                while n := fh.readinto(buf):
+                    h.update(view[:n])
+            if algorithm.startswith("shake"):
+                return bytes(h.digest(32))
+            return bytes(h.digest())
+
+        try:
+            value = await asyncio.to_thread(digest)
+        except OSError as exc:
+            raise system_error(exc, f"checksum {args.path!r}") from None
+        if len(value) > 64:
+            raise RPCError(f"{algorithm} digest is longer than 64 bytes", code=ErrorCode.INVALID_ARG)
+        return f.ChecksumReply(value)
