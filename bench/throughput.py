@@ -410,7 +410,7 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
         table.add_column(c, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*(str(r[c]) for c in columns))
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
