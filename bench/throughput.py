@@ -40,10 +40,8 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _common import check_core, machine_info, print_table, run_pair, unix_addr
 
 GiB = 1024**3
 MiB = 1024**2
@@ -264,12 +264,7 @@ ROLES: dict[str, tuple[str, type[Any]]] = {
 def child_main(role: str, addr: str, total: int, core: str | None) -> None:
     import uvloop
 
-    if core is not None:
-        import virnet
-
-        want = core == "compiled"
-        if virnet.compiled != want:
-            raise SystemExit(f"child {role}: wanted the {core} core, got the other one")
+    check_core(core)
     kind, cls = ROLES[role]
     if kind == "recv":
         elapsed = uvloop.run(_serve_receiver(cls, addr, total))
@@ -281,23 +276,7 @@ def child_main(role: str, addr: str, total: int, core: str | None) -> None:
 # ============================================================================ parent side
 
 
-def _child_cmd(role: str, addr: str, total: int, core: str | None) -> list[str]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--addr", addr]
-    cmd += ["--bytes", str(total)]
-    if core is not None:
-        cmd += ["--core", core]
-    return cmd
-
-
-def _child_env(core: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("VIRNET_NO_EXTENSIONS", None)
-    if core == "pure":
-        env["VIRNET_NO_EXTENSIONS"] = "1"
-    return env
-
-
-def run_pair(
+def run_pump(
     recv_role: str,
     send_role: str,
     nbytes: int,
@@ -307,45 +286,25 @@ def run_pair(
     core: str | None = None,
 ) -> float:
     """Start a receiver and a sender process; return the receiver's seconds for nbytes."""
-    addr = "tcp:127.0.0.1:0" if tcp else f"unix:{workdir / 'pump.sock'}"
-    if not tcp:
-        try:
-            os.unlink(workdir / "pump.sock")
-        except FileNotFoundError:
-            pass
-    timeout = 60 + nbytes / 20e6  # generous: 20 MB/s is far below anything expected
-    env = _child_env(core)
-    recv = subprocess.Popen(
-        _child_cmd(recv_role, addr, nbytes, core), stdout=subprocess.PIPE, text=True, env=env
+    addr = "tcp:127.0.0.1:0" if tcp else unix_addr(workdir, "pump.sock")
+    result = run_pair(
+        __file__,
+        recv_role,
+        send_role,
+        addr,
+        core=core,
+        extra=("--bytes", str(nbytes)),
+        result_from="server",
+        timeout=60 + nbytes / 20e6,  # generous: 20 MB/s is far below anything expected
     )
-    send: subprocess.Popen[str] | None = None
-    try:
-        assert recv.stdout is not None
-        line = recv.stdout.readline().split()
-        if len(line) != 2 or line[0] != "READY":
-            raise RuntimeError(f"receiver {recv_role} did not start: {line!r}")
-        send = subprocess.Popen(_child_cmd(send_role, line[1], nbytes, core), env=env)
-        out, _ = recv.communicate(timeout=timeout)
-        if send.wait(timeout=30) != 0 or recv.returncode != 0:
-            raise RuntimeError(
-                f"{send_role}/{recv_role} failed: rc {send.returncode}/{recv.returncode}"
-            )
-        for ln in out.splitlines():
-            if ln.startswith("RESULT "):
-                return float(ln.split()[1])
-        raise RuntimeError(f"receiver {recv_role} reported no result")
-    finally:
-        for p in (send, recv):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+    return float(result)
 
 
 def pump_scenario(
     recv_role: str, send_role: str, *, tcp: bool = False, core: str | None = None
 ) -> Callable[[int, Path], float]:
     def run(nbytes: int, workdir: Path) -> float:
-        return run_pair(recv_role, send_role, nbytes, workdir, tcp=tcp, core=core)
+        return run_pump(recv_role, send_role, nbytes, workdir, tcp=tcp, core=core)
 
     return run
 
@@ -378,39 +337,6 @@ SCENARIOS: list[Scenario] = [
     #   "virnet 8 concurrent streams", "virnet upload/download, tcp",
     #   "libvirt vol-upload / vol-download" (python3-libvirt + libvirtd), "grpcio streaming".
 ]
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    for mod in ("uvloop", "Cython", "virnet"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover - optional
-            info[mod] = None
-    return info
-
-
-def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-        print(title)
-        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-        for r in rows:
-            print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
-        return
-    table = Table(title=title)
-    for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*(str(r[c]) for c in columns))
-    Console(width=max(120, Console().width)).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from _libvirtd import LibvirtDaemon, libvirtd_available
 
 import virnet
 import virnet.libvirt
+from _libvirtd import LibvirtDaemon, libvirtd_available
 from virnet.errors import ErrorCode, RPCError
 from virnet.libvirt import protocol as rp
 

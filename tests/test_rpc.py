@@ -14,6 +14,8 @@ import struct
 from collections.abc import AsyncIterator
 
 import pytest
+
+import virnet
 from _rpcutil import (
     BLOCK,
     ECHO,
@@ -24,15 +26,13 @@ from _rpcutil import (
     TEST,
     UNREGISTERED,
     WRITE,
+    DemoService,
     EchoArgs,
     Note,
-    DemoService,
     remove_tree,
     short_tmpdir,
     sock_uri,
 )
-
-import virnet
 from virnet import _impl, protocol, xdr
 from virnet.constants import (
     CONTROL_HELLO,
@@ -177,7 +177,7 @@ async def test_unknown_program_version_procedure(env: Env) -> None:
 
 async def test_bad_arguments_get_an_error_reply(env: Env) -> None:
     async with await virnet.connect(env.uri) as c:
-        with pytest.raises(RPCError, match="invalid arguments for TEST.ECHO") as info:
+        with pytest.raises(RPCError, match=r"invalid arguments for TEST\.ECHO") as info:
             await c.call_raw(TEST.number, 1, ECHO.number, b"\x00\x00\x10\x00")
         assert info.value.code == ErrorCode.RPC
         with pytest.raises(RPCError, match="trailing"):
@@ -307,7 +307,7 @@ async def test_malformed_input_closes_only_that_connection(
 
 async def test_truncated_packet_then_disconnect(env: Env) -> None:
     data = _packet(TEST.number, 1, ECHO.number, 0, 1, 0, b"\x00" * 40)[:-10]
-    reader, writer = await asyncio.open_unix_connection(env.uri.removeprefix("unix://"))
+    _, writer = await asyncio.open_unix_connection(env.uri.removeprefix("unix://"))
     writer.write(data)
     await writer.drain()
     writer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from types import ModuleType
 
@@ -114,10 +115,7 @@ def test_stream_chunking_limits(wire: ModuleType) -> None:
 
 
 def _packets(n: int) -> bytes:
-    out = []
-    for i in range(n):
-        out.append(wire_join_py(i))
-    return b"".join(out)
+    return b"".join(wire_join_py(i) for i in range(n))
 
 
 def wire_join_py(i: int) -> bytes:
@@ -136,7 +134,7 @@ def test_framing_split_anywhere(cuts: list[int]) -> None:
         points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
         dec = mod.FrameDecoder()
         got = []
-        for a, b in zip(points, points[1:], strict=False):
+        for a, b in itertools.pairwise(points):
             got.extend(dec.feed(stream[a:b]))
         assert [bytes(m.payload) for m in got] == [
             bytes(m.payload) for m in mod.FrameDecoder().feed(stream)

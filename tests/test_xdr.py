@@ -41,7 +41,9 @@ class Everything:
     maybe: Annotated[int | None, xdr.optional(xdr.uint)]
     items: Annotated[list[Inner], xdr.array(Inner, 4)]
     pair: Annotated[list[int], xdr.fixed_array(xdr.hyper, 2)]
-    choice: Annotated[tuple[int, Any], xdr.union(xdr.int_, {1: xdr.uint, 2: xdr.string(8), 3: None})]
+    choice: Annotated[
+        tuple[int, Any], xdr.union(xdr.int_, {1: xdr.uint, 2: xdr.string(8), 3: None})
+    ]
     nested: Inner
 
 

@@ -152,7 +152,7 @@ cdef inline bint _as_ll(object o, long long* out) noexcept:
 
 cdef inline bint _as_u32(object o, uint32_t* out) noexcept:
     cdef long long v
-    if _as_ll(o, &v) and 0 <= v <= 0xFFFFFFFF:
+    if _as_ll(o, &v) and 0 <= v <= 0xFFFFFFFFLL:
         out[0] = <uint32_t>v
         return True
     return False
@@ -525,7 +525,7 @@ cdef object _pack_header(prog, vers, proc, type, serial, status, payload_len):
     if (
         _as_u32(prog, &p) and _as_u32(vers, &v) and _as_i32(proc, &pr)
         and _as_i32(type, &t) and _as_u32(serial, &s) and _as_i32(status, &st)
-        and _as_ll(payload_len, &n) and -MIN_PACKET <= n <= 0xFFFFFFFF - MIN_PACKET
+        and _as_ll(payload_len, &n) and -MIN_PACKET <= n <= 0xFFFFFFFFLL - MIN_PACKET
     ):
         return _header(<uint32_t>(n + MIN_PACKET), p, v, pr, t, s, st)
     return _pack_header_slow(prog, vers, proc, type, serial, status, payload_len)
@@ -778,7 +778,7 @@ cdef class Packer:
         try:
             if _exceeds(<unsigned long long>pb.len, maximum):
                 raise XdrError(f"opaque of {pb.len} bytes exceeds its maximum of {maximum}")
-            if pb.len > 0xFFFFFFFF:
+            if pb.len > 0xFFFFFFFFLL:
                 _U32.pack(pb.len)  # raises struct.error, as the twin does
             _put32(self, <uint32_t>pb.len)
             _put_padded(self, pb.buf, pb.len)
@@ -802,7 +802,7 @@ cdef class Packer:
         n = len(data)
         if _exceeds(<unsigned long long>n, maximum):
             raise XdrError(f"string of {n} bytes exceeds its maximum of {maximum}")
-        if n > 0xFFFFFFFF:
+        if n > 0xFFFFFFFFLL:
             _U32.pack(n)
         _put32(self, <uint32_t>n)
         _put_padded(self, PyBytes_AS_STRING(data), n)
@@ -911,7 +911,7 @@ cdef class Unpacker:
 
     def unpack_fopaque(self, size):
         cdef long long n
-        if _as_ll(size, &n) and 0 <= n <= 0x3FFFFFFFFFFFFFFF:
+        if _as_ll(size, &n) and 0 <= n <= 0x3FFFFFFFFFFFFFFFLL:
             return _read_bytes(self, <Py_ssize_t>n, "fixed opaque")
         # Negative, huge, or not an int: the twin's checks, in its order.
         if size < 0:

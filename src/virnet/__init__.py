@@ -12,12 +12,6 @@ from ._core import Mode as Mode
 from ._impl import compiled as compiled
 from .client import Client as Client
 from .client import connect as connect
-from .program import Event as Event
-from .program import Procedure as Procedure
-from .program import Program as Program
-from .program import StreamDirection as StreamDirection
-from .server import CallContext as CallContext
-from .server import Server as Server
 from .errors import (
     CallTimeoutError as CallTimeoutError,
 )
@@ -39,5 +33,11 @@ from .errors import (
 from .errors import (
     XdrError as XdrError,
 )
+from .program import Event as Event
+from .program import Procedure as Procedure
+from .program import Program as Program
+from .program import StreamDirection as StreamDirection
+from .server import CallContext as CallContext
+from .server import Server as Server
 
 __version__ = "0.1.0"

@@ -182,7 +182,7 @@ class ConnectionCore:
         self.messages_received += 1
         mtype = msg.type
         status = msg.status
-        if mtype == _STREAM or mtype == _HOLE:
+        if mtype in (_STREAM, _HOLE):
             if mtype == _HOLE and status != _CONTINUE:
                 raise ProtocolError(f"STREAM_HOLE with status {status}")
             if status not in (_OK, _ERROR, _CONTINUE):
@@ -221,7 +221,7 @@ class ConnectionCore:
                 self.on_credit(msg.payload)
             else:
                 self.on_event(msg)
-        elif mtype == _CALL_FDS or mtype == _REPLY_FDS:
+        elif mtype in (_CALL_FDS, _REPLY_FDS):
             raise ProtocolError("file descriptor passing is not supported on this transport")
         else:
             raise ProtocolError(f"unknown message type {mtype}")

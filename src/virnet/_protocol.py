@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 from typing import cast
+
 from ._core import Buffer, ConnectionCore, KeepaliveAction
 from .constants import MAX_MESSAGE
 from .errors import ConnectionClosedError, ProtocolError

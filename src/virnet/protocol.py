@@ -92,7 +92,9 @@ def encode_error(exc: RPCError) -> bytes:
     )
 
 
-def decode_error(payload: bytes | bytearray | memoryview, cls: type[RPCError] = RPCError) -> RPCError:
+def decode_error(
+    payload: bytes | bytearray | memoryview, cls: type[RPCError] = RPCError
+) -> RPCError:
     """An exception built from a ``virNetMessageError`` payload (raises XdrError if bad)."""
     err = xdr.decode(MessageError, payload)
     code: int = err.code

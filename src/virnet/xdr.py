@@ -23,7 +23,7 @@ import enum as _enum
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, Generic, TypeVar, cast
+from typing import Annotated, Any, Generic, TypeVar, cast, dataclass_transform
 
 from ._impl import Packer, Unpacker
 from .errors import XdrError
@@ -53,8 +53,8 @@ class XdrType(Generic[T]):
 class _Primitive(XdrType[T]):
     def __init__(self, name: str, pack: Callable[[Any, Any], None], unpack: Callable[[Any], T]):
         self.name = name
-        self.pack = pack  # type: ignore[method-assign]
-        self.unpack = unpack  # type: ignore[method-assign]
+        self.pack = pack  # type: ignore[method-assign, assignment]
+        self.unpack = unpack  # type: ignore[method-assign, assignment]
 
 
 int_: XdrType[int] = _Primitive("int", Packer.pack_int, Unpacker.unpack_int)
@@ -316,16 +316,17 @@ def _field_type(owner: type, name: str, hint: Any) -> XdrType[Any]:
     )
 
 
+@dataclass_transform()
 def struct(cls: type[T]) -> type[T]:
     """Make ``cls`` a dataclass (slots, positional ``__init__``) and an XDR struct."""
-    dc = dataclasses.dataclass(slots=True)(cls)
+    dc: Any = dataclasses.dataclass(slots=True)(cls)
     module = sys.modules.get(dc.__module__)
     hints = typing.get_type_hints(
         dc, globalns=vars(module) if module else None, include_extras=True
     )
     fields = [(f.name, _field_type(dc, f.name, hints[f.name])) for f in dataclasses.fields(dc)]
-    dc.__xdr_type__ = StructType(dc, fields)  # type: ignore[attr-defined]
-    return dc
+    dc.__xdr_type__ = StructType(dc, fields)
+    return cast(type[T], dc)
 
 
 def type_of(spec: Any) -> XdrType[Any]:
@@ -344,7 +345,7 @@ def encode(spec: Any, value: Any) -> bytes:
     """Encode ``value`` as the XDR type ``spec`` (an XdrType, a struct class or None)."""
     packer = Packer()
     type_of(spec).pack(packer, value)
-    return cast(bytes, packer.getvalue())
+    return packer.getvalue()
 
 
 def decode(spec: Any, data: Buffer) -> Any:

@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="listen on URI (unix:///path or tcp://host:port); repeatable")
     p.add_argument("--listen-readonly", action="append", default=None, metavar="URI",
                    help="listen on URI allowing only read-only operations; repeatable")
-    p.add_argument("--root", metavar="DIR", help="data root (default $VIRNET_ROOT or ./virnet-data)")
+    p.add_argument("--root", metavar="DIR",
+                   help="data root (default $VIRNET_ROOT or ./virnet-data)")
     p.add_argument("--console", action="append", default=[], metavar="NAME=COMMAND",
                    help="serve a console running COMMAND on a pseudo-terminal; repeatable")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")

@@ -33,11 +33,11 @@ class Daemon:
         self.files.register(self.server)
 
     async def start(self) -> list[str]:
-        uris = []
-        for uri in self.config.listen:
-            uris.append(str(await self.server.listen(uri)))
-        for uri in self.config.listen_readonly:
-            uris.append(str(await self.server.listen(uri, readonly=True)))
+        uris = [str(await self.server.listen(uri)) for uri in self.config.listen]
+        uris += [
+            str(await self.server.listen(uri, readonly=True))
+            for uri in self.config.listen_readonly
+        ]
         return uris
 
     async def stop(self) -> None:

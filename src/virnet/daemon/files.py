@@ -122,5 +122,7 @@ class FilesService:
         except OSError as exc:
             raise system_error(exc, f"checksum {args.path!r}") from None
         if len(value) > 64:
-            raise RPCError(f"{algorithm} digest is longer than 64 bytes", code=ErrorCode.INVALID_ARG)
+            raise RPCError(
+                f"{algorithm} digest is longer than 64 bytes", code=ErrorCode.INVALID_ARG
+            )
         return f.ChecksumReply(value)

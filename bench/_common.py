@@ -1,0 +1,139 @@
+"""Shared plumbing of the benchmark scripts (``throughput.py``, ``latency.py``).
+
+Each measurement runs as two child processes started from the script itself
+(``python bench/<script>.py --child ROLE ...``): a *server* role that listens, prints
+``READY <addr>`` and, for some scripts, ``RESULT <data>`` when done; and a *client* role
+that connects to ``<addr>``.  The wire core of a child is chosen through its environment
+(``VIRNET_NO_EXTENSIONS=1`` for the pure twin) and checked there, so a missing extension
+fails loudly instead of silently measuring the other twin.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def child_env(core: str | None) -> dict[str, str]:
+    """The environment for a child using the ``core`` twin (None: virnet not used)."""
+    env = dict(os.environ)
+    env.pop("VIRNET_NO_EXTENSIONS", None)
+    if core == "pure":
+        env["VIRNET_NO_EXTENSIONS"] = "1"
+    return env
+
+
+def check_core(core: str | None) -> None:
+    """In a child: fail unless virnet runs with the twin the parent asked for."""
+    if core is None:
+        return
+    import virnet
+
+    if virnet.compiled != (core == "compiled"):
+        raise SystemExit(f"wanted the {core} virnet core, got the other one")
+
+
+def child_cmd(script: str, role: str, addr: str, core: str | None, *extra: str) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(script), "--child", role, "--addr", addr]
+    if core is not None:
+        cmd += ["--core", core]
+    return [*cmd, *extra]
+
+
+def unix_addr(workdir: Path, name: str) -> str:
+    path = workdir / name
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return f"unix:{path}"
+
+
+def run_pair(
+    script: str,
+    server_role: str,
+    client_role: str,
+    addr: str,
+    *,
+    core: str | None,
+    extra: tuple[str, ...] = (),
+    result_from: str,
+    timeout: float,
+) -> str:
+    """Run a server child and a client child; return the ``RESULT`` line's data from
+    ``result_from`` ("server" or "client").  Both children must exit with status 0."""
+    env = child_env(core)
+    server = subprocess.Popen(
+        child_cmd(script, server_role, addr, core, *extra),
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    client: subprocess.Popen[str] | None = None
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline().split()
+        if len(line) != 2 or line[0] != "READY":
+            raise RuntimeError(f"{server_role} did not start: {line!r}")
+        client = subprocess.Popen(
+            child_cmd(script, client_role, line[1], core, *extra),
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        client_out, _ = client.communicate(timeout=timeout)
+        server_out, _ = server.communicate(timeout=30)
+        if client.returncode != 0 or server.returncode != 0:
+            raise RuntimeError(
+                f"{server_role}/{client_role} failed: "
+                f"exit status {server.returncode}/{client.returncode}"
+            )
+        out = server_out if result_from == "server" else client_out
+        for ln in out.splitlines():
+            if ln.startswith("RESULT "):
+                return ln[len("RESULT ") :]
+        raise RuntimeError(f"{result_from} of {server_role}/{client_role} gave no RESULT")
+    finally:
+        # Only the two children started here are ever killed, by their own handles.
+        for p in (client, server):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    for mod in ("uvloop", "Cython", "virnet"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            info[mod] = None
+    return info
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """A table with rich if it is installed, else plain text."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+        print(title)
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+        for r in rows:
+            print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+        return
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in columns))
+    Console(width=max(120, Console().width)).print(table)
