@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -61,11 +62,12 @@ def run_pair(
     *,
     core: str | None,
     extra: tuple[str, ...] = (),
-    result_from: str,
+    results_from: tuple[str, ...],
     timeout: float,
-) -> str:
-    """Run a server child and a client child; return the ``RESULT`` line's data from
-    ``result_from`` ("server" or "client").  Both children must exit with status 0."""
+) -> dict[str, str]:
+    """Run a server child and a client child; return the data of their ``RESULT`` lines
+    as ``{"server": ..., "client": ...}``, requiring one from each side named in
+    ``results_from``.  Both children must exit with status 0."""
     env = child_env(core)
     server = subprocess.Popen(
         child_cmd(script, server_role, addr, core, *extra),
@@ -92,11 +94,15 @@ def run_pair(
                 f"{server_role}/{client_role} failed: "
                 f"exit status {server.returncode}/{client.returncode}"
             )
-        out = server_out if result_from == "server" else client_out
-        for ln in out.splitlines():
-            if ln.startswith("RESULT "):
-                return ln[len("RESULT ") :]
-        raise RuntimeError(f"{result_from} of {server_role}/{client_role} gave no RESULT")
+        results: dict[str, str] = {}
+        for side, out in (("server", server_out), ("client", client_out)):
+            for ln in out.splitlines():
+                if ln.startswith("RESULT "):
+                    results[side] = ln[len("RESULT ") :]
+        for side in results_from:
+            if side not in results:
+                raise RuntimeError(f"{side} of {server_role}/{client_role} gave no RESULT")
+        return results
     finally:
         # Only the two children started here are ever killed, by their own handles.
         for p in (client, server):
@@ -116,7 +122,31 @@ def machine_info() -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
         except Exception:  # pragma: no cover - optional
             info[mod] = None
+    info["git"] = _git_state()
     return info
+
+
+def _git_state() -> str | None:
+    """The commit benchmarked, with "+dirty" if src/ or pyx/ have local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "pyx"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -137,3 +167,9 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
     for r in rows:
         table.add_row(*(str(r[c]) for c in columns))
     Console(width=max(120, Console().width)).print(table)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime

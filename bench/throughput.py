@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import check_core, machine_info, print_table, run_pair, unix_addr
+from _common import check_core, cpu_seconds, machine_info, print_table, run_pair, unix_addr
 
 GiB = 1024**3
 MiB = 1024**2
@@ -71,21 +71,27 @@ SERIAL = 1
 class _Receiver(asyncio.BufferedProtocol):
     """Counts bytes until ``total`` arrived; times first byte to last byte."""
 
-    def __init__(self, total: int, done: asyncio.Future[float]) -> None:
+    def __init__(self, total: int, done: asyncio.Future[dict[str, float]]) -> None:
         self.total = total
         self.done = done
         self.count = 0
         self.t0 = 0.0
+        self.cpu0 = 0.0
         self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         _nodelay(transport)
 
+    def _start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.cpu0 = cpu_seconds()
+
     def _finish(self) -> None:
         elapsed = time.perf_counter() - self.t0
+        cpu = cpu_seconds() - self.cpu0
         if not self.done.done():
-            self.done.set_result(elapsed)
+            self.done.set_result({"seconds": elapsed, "cpu": cpu})
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -98,7 +104,7 @@ class _Receiver(asyncio.BufferedProtocol):
 class RawReceiver(_Receiver):
     """The anchor's receiver: one fixed 256 KiB buffer, bytes only counted."""
 
-    def __init__(self, total: int, done: asyncio.Future[float]) -> None:
+    def __init__(self, total: int, done: asyncio.Future[dict[str, float]]) -> None:
         super().__init__(total, done)
         self.buf = memoryview(bytearray(BLOCK))
 
@@ -107,7 +113,7 @@ class RawReceiver(_Receiver):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.count == 0:
-            self.t0 = time.perf_counter()
+            self._start()
         self.count += nbytes
         if self.count >= self.total:
             self._finish()
@@ -116,7 +122,7 @@ class RawReceiver(_Receiver):
 class FramedReceiver(_Receiver):
     """Receives into virnet's ``FrameDecoder`` and counts STREAM payload bytes."""
 
-    def __init__(self, total: int, done: asyncio.Future[float]) -> None:
+    def __init__(self, total: int, done: asyncio.Future[dict[str, float]]) -> None:
         super().__init__(total, done)
         from virnet._impl import FrameDecoder
 
@@ -125,7 +131,7 @@ class FramedReceiver(_Receiver):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.t0 == 0.0:
-            self.t0 = time.perf_counter()
+            self._start()
         for msg in self.decoder.buffer_updated(nbytes):
             if msg.type != 3:
                 raise RuntimeError(f"unexpected packet type {msg.type}")
@@ -139,16 +145,18 @@ class _Sender(asyncio.Protocol):
 
     block = BLOCK
 
-    def __init__(self, total: int, done: asyncio.Future[None]) -> None:
+    def __init__(self, total: int, done: asyncio.Future[dict[str, float]]) -> None:
         self.remaining = total
         self.done = done
         self.paused = False
         self.closing = False
         self.transport: Any = None
         self.view = memoryview(os.urandom(self.block))
+        self.cpu0 = 0.0
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.cpu0 = cpu_seconds()
         _nodelay(transport)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         self.pump()
@@ -182,7 +190,7 @@ class _Sender(asyncio.Protocol):
             if self.remaining or exc is not None:
                 self.done.set_exception(RuntimeError(f"sender lost its connection: {exc}"))
             else:
-                self.done.set_result(None)
+                self.done.set_result({"cpu": cpu_seconds() - self.cpu0})
 
 
 class RawSender(_Sender):
@@ -197,7 +205,7 @@ class FramedSender(_Sender):
 
     block = STREAM_CHUNK
 
-    def __init__(self, total: int, done: asyncio.Future[None]) -> None:
+    def __init__(self, total: int, done: asyncio.Future[dict[str, float]]) -> None:
         super().__init__(total, done)
         from virnet._impl import encode_stream_data
 
@@ -214,9 +222,9 @@ def _nodelay(transport: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _serve_receiver(proto_cls: type[_Receiver], addr: str, total: int) -> float:
+async def _serve_receiver(proto_cls: type[_Receiver], addr: str, total: int) -> dict[str, float]:
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[float] = loop.create_future()
+    done: asyncio.Future[dict[str, float]] = loop.create_future()
 
     def factory() -> _Receiver:
         return proto_cls(total, done)
@@ -237,9 +245,9 @@ async def _serve_receiver(proto_cls: type[_Receiver], addr: str, total: int) -> 
         server.close()
 
 
-async def _run_sender(proto_cls: type[_Sender], addr: str, total: int) -> None:
+async def _run_sender(proto_cls: type[_Sender], addr: str, total: int) -> dict[str, float]:
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    done: asyncio.Future[dict[str, float]] = loop.create_future()
 
     def factory() -> _Sender:
         return proto_cls(total, done)
@@ -249,7 +257,7 @@ async def _run_sender(proto_cls: type[_Sender], addr: str, total: int) -> None:
     else:
         host, _, port = addr[len("tcp:") :].rpartition(":")
         await loop.create_connection(factory, host, int(port))
-    await done
+    return await done
 
 
 #: Child roles: name -> (kind, protocol class).  New scenarios add their roles here.
@@ -266,11 +274,9 @@ def child_main(role: str, addr: str, total: int, core: str | None) -> None:
 
     check_core(core)
     kind, cls = ROLES[role]
-    if kind == "recv":
-        elapsed = uvloop.run(_serve_receiver(cls, addr, total))
-        print(f"RESULT {elapsed!r}", flush=True)
-    else:
-        uvloop.run(_run_sender(cls, addr, total))
+    run = _serve_receiver if kind == "recv" else _run_sender
+    result = uvloop.run(run(cls, addr, total))
+    print(f"RESULT {json.dumps(result)}", flush=True)
 
 
 # ============================================================================ parent side
@@ -284,8 +290,9 @@ def run_pump(
     *,
     tcp: bool = False,
     core: str | None = None,
-) -> float:
-    """Start a receiver and a sender process; return the receiver's seconds for nbytes."""
+) -> Transfer:
+    """Start a receiver and a sender process; the receiver's seconds for nbytes, and the
+    CPU seconds each side spent during the transfer."""
     addr = "tcp:127.0.0.1:0" if tcp else unix_addr(workdir, "pump.sock")
     result = run_pair(
         __file__,
@@ -294,27 +301,39 @@ def run_pump(
         addr,
         core=core,
         extra=("--bytes", str(nbytes)),
-        result_from="server",
+        results_from=("server", "client"),
         timeout=60 + nbytes / 20e6,  # generous: 20 MB/s is far below anything expected
     )
-    return float(result)
+    recv = json.loads(result["server"])
+    send = json.loads(result["client"])
+    return Transfer(recv["seconds"], {"recv": recv["cpu"], "send": send["cpu"]})
 
 
 def pump_scenario(
     recv_role: str, send_role: str, *, tcp: bool = False, core: str | None = None
-) -> Callable[[int, Path], float]:
-    def run(nbytes: int, workdir: Path) -> float:
+) -> Callable[[int, Path], Transfer]:
+    def run(nbytes: int, workdir: Path) -> Transfer:
         return run_pump(recv_role, send_role, nbytes, workdir, tcp=tcp, core=core)
 
     return run
 
 
 @dataclass
+class Transfer:
+    """What one run of a scenario reports: wall seconds for the volume, and optionally
+    the CPU seconds per side (``{"recv": s, "send": s}``) spent during it."""
+
+    seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Scenario:
     name: str
-    run: Callable[[int, Path], float]  # seconds to move nbytes
+    run: Callable[[int, Path], Transfer]  # moves nbytes in its own processes
     anchor: bool = False
     samples: list[float] = field(default_factory=list)  # GB/s per repetition
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # side -> CPU s per GiB
 
 
 SCENARIOS: list[Scenario] = [
@@ -370,15 +389,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="virnet-bench-") as tmp:
         for rep in range(repeat):
             for sc in scenarios:
-                secs = sc.run(nbytes, Path(tmp))
-                sc.samples.append(nbytes / secs / 1e9)
-                print(f"  [{rep + 1}/{repeat}] {sc.name}: {sc.samples[-1]:.2f} GB/s", flush=True)
+                t = sc.run(nbytes, Path(tmp))
+                sc.samples.append(nbytes / t.seconds / 1e9)
+                for side, secs in t.cpu.items():
+                    sc.cpu.setdefault(side, []).append(secs / (nbytes / GiB))
+                cpu = ", ".join(f"{k} CPU {v[-1]:.2f} s/GiB" for k, v in sc.cpu.items())
+                print(
+                    f"  [{rep + 1}/{repeat}] {sc.name}: {sc.samples[-1]:.2f} GB/s ({cpu})",
+                    flush=True,
+                )
     wall = time.perf_counter() - started
 
     anchor = next((s for s in scenarios if s.anchor), None)
     anchor_median = statistics.median(anchor.samples) if anchor else None
     results = []
     rows = []
+
+    def cpu_median(sc: Scenario, side: str) -> str:
+        values = sc.cpu.get(side)
+        return f"{statistics.median(values):.3f}" if values else "-"
+
     for sc in scenarios:
         med = statistics.median(sc.samples)
         ratio = med / anchor_median if anchor_median else None
@@ -389,12 +419,22 @@ def main(argv: list[str] | None = None) -> int:
                 "GB/s (median)": f"{med:.2f}",
                 "min..max": f"{min(sc.samples):.2f}..{max(sc.samples):.2f}",
                 "ratio to anchor": f"{ratio:.2f}" if ratio is not None else "-",
+                "recv CPU s/GiB": cpu_median(sc, "recv"),
+                "send CPU s/GiB": cpu_median(sc, "send"),
             }
         )
     print_table(
-        f"throughput, {nbytes / MiB:.0f} MiB x {repeat}, wall {wall:.0f} s",
+        f"throughput, {nbytes / MiB:.0f} MiB x {repeat}, wall {wall:.0f} s "
+        "(CPU: median user+sys seconds per GiB moved, per side)",
         rows,
-        ["scenario", "GB/s (median)", "min..max", "ratio to anchor"],
+        [
+            "scenario",
+            "GB/s (median)",
+            "min..max",
+            "ratio to anchor",
+            "recv CPU s/GiB",
+            "send CPU s/GiB",
+        ],
     )
     if args.json:
         doc = {
@@ -405,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": wall,
                 "machine": info,
                 "samples": {s.name: s.samples for s in scenarios},
+                "cpu_s_per_GiB": {s.name: s.cpu for s in scenarios},
             },
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")

@@ -94,3 +94,120 @@ def remove_tree(path: str) -> None:
 
 def sock_uri(directory: str, name: str = "s.sock") -> str:
     return f"unix://{os.path.join(directory, name)}"
+
+
+# ----------------------------------------------------------------------------- streams
+from virnet import StreamDirection  # noqa: E402
+from virnet.stream import Hole, Stream  # noqa: E402
+
+
+@xdr.struct
+class StreamArgs:
+    size: xdr.UHyper  # download: bytes to send; upload: expected bytes (0 = any)
+    seed: xdr.UInt
+    mode: xdr.UInt  # see MODE_* below
+
+
+@xdr.struct
+class StreamResult:
+    size: xdr.UHyper
+
+
+MODE_NORMAL = 0
+MODE_FAIL_EARLY = 1  # refuse before accepting: plain error reply
+MODE_FAIL_MIDWAY = 2  # raise after half the data: stream error
+MODE_STALL = 3  # accept and never read
+MODE_DATA_BEFORE_REPLY = 4  # download: queue data before the reply (handled by ordering)
+MODE_HOLES = 5  # sparse download: data, hole, data
+
+SINK = TEST.procedure(10, "SINK", StreamArgs, StreamResult, stream=StreamDirection.UPLOAD)
+SOURCE = TEST.procedure(11, "SOURCE", StreamArgs, StreamResult, stream=StreamDirection.DOWNLOAD)
+ECHO_STREAM = TEST.procedure(12, "ECHO_STREAM", StreamArgs, None, stream=StreamDirection.BOTH)
+SPARSE_SINK = TEST.procedure(
+    13, "SPARSE_SINK", StreamArgs, StreamResult, stream=StreamDirection.UPLOAD
+)
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Deterministic, position-dependent bytes (so reordering or loss is detected)."""
+    import hashlib
+
+    block = hashlib.sha256(seed.to_bytes(4, "big")).digest() * 2048  # 64 KiB
+    reps = size // len(block) + 1
+    data = bytearray(block * reps)[:size]
+    for i in range(0, size, 4096):
+        data[i : i + 4] = (i // 4096 & 0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(data)
+
+
+class StreamService:
+    def __init__(self) -> None:
+        self.received: dict[int, bytes] = {}
+        self.sparse_log: dict[int, list[object]] = {}
+        self.streams: list[Stream] = []
+        self.results: dict[int, str] = {}
+
+    def register(self, server: virnet.Server) -> None:
+        server.register(SINK, self.sink)
+        server.register(SOURCE, self.source, readonly=True)
+        server.register(ECHO_STREAM, self.echo)
+        server.register(SPARSE_SINK, self.sparse_sink)
+
+    async def sink(self, ctx: virnet.CallContext, args: StreamArgs) -> None:
+        if args.mode == MODE_FAIL_EARLY:
+            raise RPCError("refused before the stream", code=9)
+        stream = ctx.accept_stream(StreamResult(args.size))
+        self.streams.append(stream)
+        if args.mode == MODE_STALL:
+            await asyncio.sleep(3600)
+        chunks = []
+        got = 0
+        try:
+            async for chunk in stream:
+                assert not isinstance(chunk, Hole)
+                chunks.append(bytes(chunk))
+                got += len(chunk)
+                if args.mode == MODE_FAIL_MIDWAY and got >= args.size // 2:
+                    raise RPCError("sink failed midway", code=38, int1=5)
+            if args.size and got != args.size:
+                raise RPCError(f"expected {args.size} bytes, got {got}", code=9)
+            self.received[args.seed] = b"".join(chunks)
+            self.results[args.seed] = "ok"
+        except BaseException as exc:
+            self.results[args.seed] = f"error: {exc!r}"
+            raise
+
+    async def source(self, ctx: virnet.CallContext, args: StreamArgs) -> None:
+        if args.mode == MODE_FAIL_EARLY:
+            raise RPCError("refused before the stream", code=9)
+        stream = ctx.accept_stream(StreamResult(args.size), sparse=args.mode == MODE_HOLES)
+        self.streams.append(stream)
+        data = pattern(args.size, args.seed)
+        if args.mode == MODE_HOLES:
+            half = args.size // 2
+            await stream.send(data[:half])
+            await stream.send_hole(1 << 20)
+            await stream.send(data[half:])
+            return
+        if args.mode == MODE_FAIL_MIDWAY:
+            await stream.send(data[: args.size // 2])
+            raise RPCError("source failed midway", code=38)
+        await stream.send(data)
+
+    async def echo(self, ctx: virnet.CallContext, args: StreamArgs) -> None:
+        stream = ctx.accept_stream()
+        self.streams.append(stream)
+        async for chunk in stream:
+            assert not isinstance(chunk, Hole)
+            await stream.send(bytes(chunk))
+
+    async def sparse_sink(self, ctx: virnet.CallContext, args: StreamArgs) -> StreamResult:
+        stream = ctx.accept_stream(StreamResult(0), sparse=True)
+        log: list[object] = []
+        async for item in stream:
+            if isinstance(item, Hole):
+                log.append(item)
+            else:
+                log.append(bytes(item))
+        self.sparse_log[args.seed] = log
+        return StreamResult(0)

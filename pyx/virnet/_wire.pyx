@@ -240,10 +240,21 @@ cdef class Message:
     __hash__ = None
 
 
+# The program number is above CPython's small-int cache but nearly always the same from
+# one packet to the next: keep the last one's int instead of making a new one each time.
+cdef object _last_prog = 0
+cdef uint32_t _last_prog_value = 0
+
+
 cdef inline Message _message(const unsigned char* p, object payload):
     """A Message from a packet's first 28 bytes (length word + header) and its payload."""
+    global _last_prog, _last_prog_value
     cdef Message m = Message.__new__(Message)
-    m.prog = _ld32(p + 4)
+    cdef uint32_t prog = _ld32(p + 4)
+    if prog != _last_prog_value:
+        _last_prog = prog
+        _last_prog_value = prog
+    m.prog = _last_prog
     m.vers = _ld32(p + 8)
     m.proc = <int32_t>_ld32(p + 12)
     m.type = <int32_t>_ld32(p + 16)

@@ -24,6 +24,7 @@ import enum
 from collections import deque
 from typing import Any, Protocol
 
+from . import xdr
 from ._impl import FrameDecoder, Message, encode_message
 from .constants import (
     CONTROL_CREDIT,
@@ -36,7 +37,8 @@ from .constants import (
     MessageStatus,
     MessageType,
 )
-from .errors import ProtocolError
+from .errors import ProtocolError, XdrError
+from .protocol import Credit
 
 Buffer = bytes | bytearray | memoryview
 StreamKey = tuple[int, int, int, int]
@@ -65,9 +67,11 @@ class Mode(enum.Enum):
 
 
 class StreamEndpoint(Protocol):
-    """What the core routes STREAM and STREAM_HOLE packets to."""
+    """What the core routes STREAM, STREAM_HOLE and CREDIT packets to."""
 
     def on_packet(self, msg: Message) -> None: ...
+
+    def on_credit(self, amount: int) -> None: ...
 
 
 class KeepaliveAction(enum.Enum):
@@ -118,6 +122,7 @@ class ConnectionCore:
         max_message: int = MAX_MESSAGE,
         keepalive_interval: float = 5.0,
         keepalive_count: int = 5,
+        window: int = 4 * 1024 * 1024,
     ) -> None:
         self.is_client = is_client
         self.decoder = FrameDecoder(max_message)
@@ -125,6 +130,9 @@ class ConnectionCore:
         self.features = 0
         self.peer_window = 0
         self.keepalive = Keepalive(keepalive_interval, keepalive_count)
+        #: Our per-stream receive window (native) or receive limit (legacy), in bytes.
+        self.window = window
+        self.legacy_rx_limit = window
         self._next_serial = 1
         self._pending: dict[int, tuple[int, int, int]] = {}
         self.streams: dict[StreamKey, StreamEndpoint] = {}
@@ -147,10 +155,19 @@ class ConnectionCore:
         """A MESSAGE packet (async event) arrived that the core does not handle itself."""
 
     def on_credit(self, payload: Buffer) -> None:
-        """A VIRNET_CONTROL CREDIT message arrived (native mode, flow control)."""
+        """A VIRNET_CONTROL CREDIT message arrived (native mode): route it to its stream.
+        Credit for a stream that has ended is dropped, like its late data."""
+        try:
+            credit = xdr.decode(Credit, payload)
+        except XdrError as exc:
+            raise ProtocolError(f"malformed CREDIT: {exc}") from None
+        endpoint = self.streams.get((credit.prog, credit.vers, credit.proc, credit.serial))
+        if endpoint is not None:
+            endpoint.on_credit(credit.bytes)
 
     def on_unrouted_stream(self, msg: Message) -> None:
-        """A stream packet matched no open stream: dropped (it may be a late packet)."""
+        """A stream packet matched no open stream: dropped silently, as libvirt does (it
+        is usually a late packet of a stream that just ended)."""
 
     def on_pong(self) -> None:
         """A keepalive PONG arrived (``virnet ping`` measures round trips with it)."""

@@ -20,6 +20,9 @@ from .errors import ConnectionClosedError, ProtocolError
 
 log = logging.getLogger("virnet")
 
+#: Stream payload bytes taken per flush before yielding to the loop, so replies and
+#: incoming packets are handled between bursts of bulk data.
+FLUSH_BUDGET = 4 * 262144
 #: Transport write-buffer high-water mark: large enough that the socket never idles
 #: between flushes, small enough to bound memory per connection.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
@@ -36,6 +39,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         max_message: int = MAX_MESSAGE,
         keepalive_interval: float = 5.0,
         keepalive_count: int = 5,
+        window: int = 4 * 1024 * 1024,
     ) -> None:
         ConnectionCore.__init__(
             self,
@@ -43,6 +47,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             max_message=max_message,
             keepalive_interval=keepalive_interval,
             keepalive_count=keepalive_count,
+            window=window,
         )
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -51,6 +56,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._reading_paused = False
+        self._read_pausers: set[object] = set()  # why reading is paused (bounded memory)
         self.close_exc: BaseException | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
 
@@ -100,6 +106,8 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             self._keepalive_handle.cancel()
             self._keepalive_handle = None
         try:
+            for stream in list(self.streams.values()):
+                stream.connection_lost(self.close_exc)  # type: ignore[attr-defined]
             self.on_closed(self.close_exc)
         finally:
             if not self.closed.done():
@@ -116,15 +124,27 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         if self.has_output():
             self.on_output()
 
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
+    def hold_reading(self, reason: object, hold: bool) -> None:
+        """Pause reading while any ``reason`` holds (a full call queue, a legacy stream
+        over its receive limit); resume when none does."""
+        if hold:
+            self._read_pausers.add(reason)
+        else:
+            self._read_pausers.discard(reason)
+        want = bool(self._read_pausers)
+        if want != self._reading_paused and self.transport is not None:
+            self._reading_paused = want
+            if want:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
-    def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
+    def stream_over_limit(self, stream: object, over: bool) -> None:
+        """A legacy-mode stream's receive queue passed (or fell back under) its limit."""
+        self.hold_reading(stream, over)
+
+    def stream_closed(self, stream: object) -> None:
+        """A stream ended (roles override to keep their own accounting)."""
 
     # ------------------------------------------------------------------ closing
     def abort_connection(self, exc: BaseException) -> None:
@@ -159,8 +179,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None:
             return
-        budget = 0 if self._write_paused else WRITE_HIGH_WATER - transport.get_write_buffer_size()
-        out: list[Buffer] = self.take_output(budget)
+        out: list[Buffer] = self.take_output(0 if self._write_paused else FLUSH_BUDGET)
         if out:
             transport.writelines(out)
         if self.has_output() and not self._write_paused:

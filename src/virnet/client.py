@@ -24,7 +24,8 @@ from .constants import (
     MessageStatus,
 )
 from .errors import CallTimeoutError, ConnectionClosedError, ProtocolError, RPCError, XdrError
-from .program import Event, Procedure
+from .program import Event, Procedure, StreamDirection
+from .stream import Stream, StreamState
 
 log = logging.getLogger("virnet")
 
@@ -158,9 +159,47 @@ class Client:
             raise protocol.decode_error(data)
         return data
 
-    def allocate_serial(self) -> int:
-        """Reserve the serial the next stream-opening call will use."""
-        return self._proto.allocate_serial()
+    async def open_stream(
+        self,
+        procedure: Procedure,
+        args: Any = None,
+        *,
+        sparse: bool = False,
+        timeout: float | None = None,
+    ) -> Stream:
+        """Call a stream-carrying ``procedure``; returns its ``Stream`` (the decoded reply
+        is ``stream.reply``).  The stream is registered before the call goes out, so data
+        a server sends ahead of its reply is kept.  A failed call leaves no stream."""
+        if procedure.stream is None:
+            raise TypeError(f"{procedure!r} does not carry a stream")
+        proto = self._proto
+        prog = procedure.program
+        payload = xdr.encode(procedure.args, args)
+        serial = proto.allocate_serial()
+        direction = procedure.stream
+        stream = Stream(
+            proto,
+            prog.number,
+            prog.version,
+            procedure.number,
+            serial,
+            sparse=sparse,
+            can_send=direction is not StreamDirection.DOWNLOAD,
+            can_recv=direction is not StreamDirection.UPLOAD,
+        )
+        proto.streams[stream.key] = stream
+        try:
+            data = await self.call_raw(
+                prog.number, prog.version, procedure.number, payload, timeout, serial=serial
+            )
+            stream.reply = xdr.decode(procedure.ret, data)
+        except BaseException as exc:
+            proto.streams.pop(stream.key, None)
+            stream.state = StreamState.FAILED
+            if isinstance(exc, XdrError):
+                raise ProtocolError(f"bad reply to {procedure!r}: {exc}") from None
+            raise
+        return stream
 
     # ------------------------------------------------------------------ events
     def subscribe(self, event: Event, callback: Callable[[Any], None]) -> Callable[[], None]:
@@ -269,6 +308,7 @@ async def connect(
             max_message=max_message,
             keepalive_interval=keepalive_interval,
             keepalive_count=keepalive_count,
+            window=window,
         )
 
     try:

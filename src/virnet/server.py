@@ -36,7 +36,8 @@ from .constants import (
     MessageStatus,
 )
 from .errors import ErrorCode, ErrorDomain, RPCError, XdrError
-from .program import Event, Procedure, Program
+from .program import Event, Procedure, Program, StreamDirection
+from .stream import Stream
 
 log = logging.getLogger("virnet.server")
 
@@ -46,6 +47,8 @@ _ERROR = int(MessageStatus.ERROR)
 Handler = Callable[["CallContext", Any], Awaitable[Any]]
 
 DEFAULT_WINDOW = 4 * 1024 * 1024
+#: Seconds a stream handler may run on after its client vanished before it is cancelled.
+STREAM_TASK_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,52 @@ class _Registration:
 class CallContext:
     """What a handler knows about the call it is serving."""
 
-    __slots__ = ("connection", "procedure", "serial")
+    __slots__ = ("connection", "procedure", "serial", "stream")
 
     def __init__(self, connection: ServerConnection, procedure: Procedure, serial: int):
         self.connection = connection
         self.procedure = procedure
         self.serial = serial
+        self.stream: Stream | None = None
+
+    def accept_stream(self, reply: Any = None, *, sparse: bool = False) -> Stream:
+        """Accept a stream-carrying call: the reply (``reply``, encoded as the
+        procedure's return type) goes out now and the stream is open.  Validate the
+        arguments first; an ``RPCError`` raised before this becomes a plain error reply
+        and no stream exists.  After it, returning from the handler completes the finish
+        handshake and raising aborts the stream with that error."""
+        proc = self.procedure
+        if proc.stream is None:
+            raise TypeError(f"{proc!r} does not carry a stream")
+        if self.stream is not None:
+            raise RuntimeError("the stream was already accepted")
+        conn = self.connection
+        if len(conn.open_streams) >= conn.server.max_streams:
+            raise RPCError(
+                f"too many streams on this connection (max {conn.server.max_streams})",
+                code=ErrorCode.OPERATION_FAILED,
+                domain=ErrorDomain.STREAMS,
+            )
+        payload = xdr.encode(proc.ret, reply)
+        prog = proc.program
+        stream = Stream(
+            conn,
+            prog.number,
+            prog.version,
+            proc.number,
+            self.serial,
+            sparse=sparse,
+            can_send=proc.stream is not StreamDirection.UPLOAD,
+            can_recv=proc.stream is not StreamDirection.DOWNLOAD,
+        )
+        conn.streams[stream.key] = stream
+        conn.open_streams.add(stream)
+        task = asyncio.current_task()
+        if task is not None:
+            conn.stream_tasks.add(task)
+        conn.send_reply(prog.number, prog.version, proc.number, self.serial, _OK, payload)
+        self.stream = stream
+        return stream
 
     @property
     def readonly(self) -> bool:
@@ -71,6 +114,7 @@ class CallContext:
 
     def emit_event(self, event: Event, body: Any = None) -> None:
         self.connection.emit_event(event, body)
+
 
 
 class ServerConnection(RPCProtocol):
@@ -82,12 +126,19 @@ class ServerConnection(RPCProtocol):
             max_message=server.max_message,
             keepalive_interval=server.keepalive_interval,
             keepalive_count=server.keepalive_count,
+            window=server.window,
         )
         self.server = server
         self.readonly = readonly
         self.tasks: set[asyncio.Task[None]] = set()
         self.waiting: deque[Message] = deque()
         self.state: dict[str, Any] = {}  # per-connection storage for services
+        self.open_streams: set[Stream] = set()
+        self.stream_tasks: set[asyncio.Task[Any]] = set()
+
+    def stream_closed(self, stream: object) -> None:
+        if isinstance(stream, Stream):
+            self.open_streams.discard(stream)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -105,7 +156,12 @@ class ServerConnection(RPCProtocol):
         self.server._forget(self)
         self.waiting.clear()
         for task in list(self.tasks):
-            task.cancel()
+            if task in self.stream_tasks:
+                # Its stream already failed with "connection lost": let the handler see
+                # that and clean up (remove a temporary file...) before cancelling it.
+                self.loop.call_later(STREAM_TASK_GRACE, task.cancel)
+            else:
+                task.cancel()
         log.debug("client %s gone: %s", self.peer, exc)
 
     # ------------------------------------------------------------------ calls
@@ -116,7 +172,7 @@ class ServerConnection(RPCProtocol):
         self.waiting.append(msg)
         if len(self.waiting) >= self.server.max_queued_calls:
             # Even the queue is long: stop reading until it drains (bounded memory).
-            self.pause_reading()
+            self.hold_reading("call queue", True)
 
     def _start(self, msg: Message) -> None:
         task = self.loop.create_task(self._dispatch(msg))
@@ -125,10 +181,11 @@ class ServerConnection(RPCProtocol):
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self.stream_tasks.discard(task)
         while self.waiting and len(self.tasks) < self.server.max_calls:
             self._start(self.waiting.popleft())
-        if self._reading_paused and len(self.waiting) < self.server.max_queued_calls // 2:
-            self.resume_reading()
+        if len(self.waiting) < self.server.max_queued_calls // 2:
+            self.hold_reading("call queue", False)
 
     def reply_error(self, msg: Message, exc: RPCError) -> None:
         self.send_reply(
@@ -187,16 +244,25 @@ class ServerConnection(RPCProtocol):
         ctx = CallContext(self, proc, msg.serial)
         try:
             result = await reg.handler(ctx, args)
-            payload = xdr.encode(proc.ret, result)
+            if proc.stream is None:
+                payload = xdr.encode(proc.ret, result)
+            elif ctx.stream is None:
+                raise RuntimeError("stream handler returned without accepting its stream")
         except RPCError as exc:
-            self.reply_error(msg, exc)
+            self._fail_call(msg, ctx, exc)
             return
         except asyncio.CancelledError:
+            if ctx.stream is not None:
+                ctx.stream.server_fail(
+                    RPCError("stream cancelled: the server is shutting down",
+                             code=ErrorCode.OPERATION_ABORTED, domain=ErrorDomain.STREAMS)
+                )
             raise
         except Exception as exc:
             log.exception("handler for %s.%s failed", program.name, proc.name)
-            self.reply_error(
+            self._fail_call(
                 msg,
+                ctx,
                 RPCError(
                     f"internal error in {program.name}.{proc.name}: {type(exc).__name__}",
                     code=ErrorCode.INTERNAL_ERROR,
@@ -204,7 +270,18 @@ class ServerConnection(RPCProtocol):
                 ),
             )
             return
+        if ctx.stream is not None:
+            await ctx.stream.server_complete()
+            return
         self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
+
+    def _fail_call(self, msg: Message, ctx: CallContext, exc: RPCError) -> None:
+        """An error before the stream was accepted is the call's error reply; after, it
+        aborts the stream with that error."""
+        if ctx.stream is None:
+            self.reply_error(msg, exc)
+        else:
+            ctx.stream.server_fail(exc)
 
     def _control_call(self, msg: Message) -> None:
         if msg.proc != CONTROL_HELLO:
@@ -245,6 +322,7 @@ class Server:
         max_clients: int = 1024,
         max_calls: int = 256,
         max_queued_calls: int = 1024,
+        max_streams: int = 64,
         keepalive_interval: float = 5.0,
         keepalive_count: int = 5,
         window: int = DEFAULT_WINDOW,
@@ -253,6 +331,7 @@ class Server:
         self.max_clients = max_clients
         self.max_calls = max_calls
         self.max_queued_calls = max_queued_calls
+        self.max_streams = max_streams
         self.keepalive_interval = keepalive_interval
         self.keepalive_count = keepalive_count
         self.window = window
@@ -343,6 +422,13 @@ class Server:
                 except FileNotFoundError:
                     pass
         conns = list(self.connections)
+        shutdown = RPCError(
+            "the server is shutting down", code=ErrorCode.OPERATION_ABORTED,
+            domain=ErrorDomain.STREAMS,
+        )
+        for conn in conns:  # running streams end with an error, not silently
+            for stream in list(conn.open_streams):
+                stream.server_fail(shutdown)
         tasks = [t for c in conns for t in c.tasks]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)

@@ -45,10 +45,15 @@ class Daemon:
 
 
 async def run(config: DaemonConfig) -> int:
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)  # creates the data root: may fail like a listener
+    except (OSError, ValueError) as exc:
+        print(f"virnetd: error: {exc}", file=sys.stderr)
+        return 1
     try:
         uris = await daemon.start()
     except (OSError, ValueError) as exc:
+        await daemon.stop()  # close (and unlink) the listeners that did start
         print(f"virnetd: error: {exc}", file=sys.stderr)
         return 1
     for uri in uris:

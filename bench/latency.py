@@ -1,0 +1,423 @@
+#!/usr/bin/env python
+"""Small-call rate and latency of virnet against a minimal RPC on uvloop, in one run.
+
+Usage::
+
+    python bench/latency.py [--quick] [--json FILE] [--only SUBSTRING ...]
+
+Each scenario runs a server process and a client process over a Unix socket, both on
+uvloop.  The client measures, in this order on one connection:
+
+1. warm-up calls (replies checked);
+2. *sequential*: one call at a time, calls/s;
+3. *64 in flight*: 64 workers each calling one after the other, calls/s;
+4. *latency, idle*: sequential calls timed one by one (``perf_counter_ns``), p50/p99 in
+   microseconds.
+
+Scenarios are repeated ``--repeat`` times, interleaved round by round; the table shows the
+median over repetitions and the ratio to the anchor measured in the same run, metric by
+metric (sequential vs sequential, 64 in flight vs 64 in flight).  For latencies the ratio
+is virnet's value over the anchor's, so above 1 means slower.
+
+* ``anchor`` -- a minimal length-prefixed RPC: 4-byte length, 4-byte serial, 100-byte
+  body; the server (``BufferedProtocol``) echoes each request, one ``write`` per read;
+  the client matches replies to futures by serial.
+* ``virnet, compiled|pure`` -- ``virnet.Server`` with one ECHO procedure (an
+  ``@xdr.struct`` of a ``string<1024>`` of 100 bytes and a ``uint``) and a
+  ``virnet.connect`` client; the handler returns its argument.
+
+Extension points: the conditions "beside a saturating stream" and "beside a stalled
+stream" (SPEC section 7) become more ``Scenario`` entries once virnet has data streams:
+their client role opens the stream (and keeps it busy, or stops reading it) before
+``measure`` runs.  They are deliberately not listed until they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import virnet
+from _common import check_core, machine_info, print_table, run_pair, unix_addr
+from virnet import xdr
+
+INFLIGHT = 64
+BODY = b"x" * 100
+TEXT = "x" * 100
+
+# ============================================================================ child side
+
+Call = Callable[[int], Awaitable[Any]]
+
+
+async def measure(
+    call: Call, check: Callable[[int, Any], bool], n_seq: int, n_pipe: int, n_lat: int
+) -> dict[str, float]:
+    """Run the four phases against ``call(i)``; ``check(i, reply)`` validates warm-up."""
+    perf = time.perf_counter
+    for i in range(min(1000, n_seq)):
+        reply = await call(i)
+        if not check(i, reply):
+            raise RuntimeError(f"bad reply to call {i}: {reply!r}")
+
+    t0 = perf()
+    for i in range(n_seq):
+        await call(i)
+    seq = n_seq / (perf() - t0)
+
+    numbers = iter(range(n_pipe))
+
+    async def worker() -> None:
+        for i in numbers:
+            await call(i)
+
+    t0 = perf()
+    await asyncio.gather(*(worker() for _ in range(INFLIGHT)))
+    pipe = n_pipe / (perf() - t0)
+
+    ns = time.perf_counter_ns
+    lat = []
+    for i in range(n_lat):
+        t = ns()
+        await call(i)
+        lat.append(ns() - t)
+    lat.sort()
+    nan = float("nan")
+    return {
+        "seq": seq,
+        "pipe": pipe,
+        "p50": lat[len(lat) // 2] / 1000 if lat else nan,
+        "p99": lat[min(len(lat) - 1, (len(lat) * 99) // 100)] / 1000 if lat else nan,
+    }
+
+
+# ------------------------------------------------------------------ anchor: minimal RPC
+
+_FRAME = struct.Struct(">II")  # length (of serial + body), serial
+_LEN = struct.Struct(">I")
+_BUF = 256 * 1024
+
+
+class _Framed(asyncio.BufferedProtocol):
+    """Length-prefixed frames received into one 256 KiB buffer (compacted as needed)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(_BUF)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.transport: Any = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif _BUF - self.end < 64 * 1024:
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start : self.end]
+            self.start, self.end = 0, n
+        return self.view[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.end += nbytes
+        buf = self.buf
+        start = self.start
+        end = self.end
+        frames = []
+        while end - start >= 4:
+            (length,) = _LEN.unpack_from(buf, start)
+            if end - start < 4 + length:
+                break
+            frames.append((start, 4 + length))
+            start += 4 + length
+        self.on_frames(frames)
+        self.start = start
+
+    def on_frames(self, frames: list[tuple[int, int]]) -> None:
+        raise NotImplementedError
+
+
+class EchoServer(_Framed):
+    def on_frames(self, frames: list[tuple[int, int]]) -> None:
+        if frames:
+            first = frames[0][0]
+            last = frames[-1][0] + frames[-1][1]
+            self.transport.write(self.buf[first:last])  # one write per read
+
+
+class EchoClient(_Framed):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.get_running_loop()
+        self.serial = 0
+        self.waiters: dict[int, asyncio.Future[bytes]] = {}
+
+    def call(self, body: bytes) -> asyncio.Future[bytes]:
+        self.serial = serial = (self.serial + 1) & 0xFFFFFFFF
+        fut = self.loop.create_future()
+        self.waiters[serial] = fut
+        self.transport.write(_FRAME.pack(4 + len(body), serial) + body)
+        return fut
+
+    def on_frames(self, frames: list[tuple[int, int]]) -> None:
+        buf = self.buf
+        waiters = self.waiters
+        for start, size in frames:
+            (serial,) = _LEN.unpack_from(buf, start + 4)
+            waiters.pop(serial).set_result(bytes(buf[start + 8 : start + size]))
+
+
+def _unix_path(addr: str) -> str:
+    assert addr.startswith("unix:")
+    return addr[len("unix:") :]
+
+
+async def anchor_server(addr: str) -> None:
+    loop = asyncio.get_running_loop()
+    conns: list[EchoServer] = []
+    got: asyncio.Future[None] = loop.create_future()
+
+    def factory() -> EchoServer:
+        proto = EchoServer()
+        conns.append(proto)
+        if not got.done():
+            got.set_result(None)
+        return proto
+
+    server = await loop.create_unix_server(factory, _unix_path(addr))
+    print(f"READY {addr}", flush=True)
+    await got
+    await conns[0].lost  # serve one client, then exit
+    server.close()
+
+
+async def anchor_client(addr: str, n_seq: int, n_pipe: int, n_lat: int) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_unix_connection(EchoClient, _unix_path(addr))
+
+    def call(i: int) -> asyncio.Future[bytes]:
+        return proto.call(BODY)
+
+    try:
+        return await measure(call, lambda i, r: r == BODY, n_seq, n_pipe, n_lat)
+    finally:
+        proto.transport.close()
+
+
+# ------------------------------------------------------------------ virnet ECHO
+
+
+# The ECHO procedure.  virnet is imported at module level (``@xdr.struct`` resolves its
+# hints in module globals); a child's core is fixed by its environment before this runs.
+
+
+@xdr.struct
+class Echo:
+    text: Annotated[str, xdr.string(1024)]
+    n: xdr.UInt
+
+
+BENCH = virnet.Program("BENCH", 0x30000B00, 1)
+ECHO = BENCH.procedure(1, "ECHO", Echo, Echo)
+
+
+async def virnet_server(addr: str) -> None:
+    async def echo(ctx: Any, args: Any) -> Any:
+        return args
+
+    server = virnet.Server()
+    server.register(ECHO, echo)
+    await server.listen(f"unix://{_unix_path(addr)}")
+    print(f"READY {addr}", flush=True)
+    # Serve one client, then exit.  Polled: the server has no "connection gone" hook.
+    while not server.connections:
+        await asyncio.sleep(0.01)
+    while server.connections:
+        await asyncio.sleep(0.1)
+    await server.close()
+
+
+async def virnet_client(addr: str, n_seq: int, n_pipe: int, n_lat: int) -> dict[str, float]:
+    client = await virnet.connect(f"unix://{_unix_path(addr)}")
+    arg = Echo(TEXT, 0)
+
+    def call(i: int) -> Awaitable[Any]:
+        return client.call(ECHO, arg)
+
+    async with client:
+        return await measure(call, lambda i, r: r.text == TEXT and r.n == 0, n_seq, n_pipe, n_lat)
+
+
+#: Child roles: name -> coroutine function.  Servers take (addr); clients take
+#: (addr, n_seq, n_pipe, n_lat) and return the metrics.  New scenarios add roles here.
+SERVER_ROLES: dict[str, Callable[[str], Awaitable[None]]] = {
+    "anchor-server": anchor_server,
+    "virnet-server": virnet_server,
+}
+CLIENT_ROLES: dict[str, Callable[..., Awaitable[dict[str, float]]]] = {
+    "anchor-client": anchor_client,
+    "virnet-client": virnet_client,
+}
+
+
+def child_main(role: str, addr: str, core: str | None, counts: list[int]) -> None:
+    import uvloop
+
+    check_core(core)
+    if role in SERVER_ROLES:
+        uvloop.run(SERVER_ROLES[role](addr))
+    else:
+        result = uvloop.run(CLIENT_ROLES[role](addr, *counts))
+        print(f"RESULT {json.dumps(result)}", flush=True)
+
+
+# ============================================================================ parent side
+
+METRICS = [
+    # key, label, unit, higher is better
+    ("seq", "sequential calls", "calls/s", True),
+    ("pipe", f"{INFLIGHT} calls in flight", "calls/s", True),
+    ("p50", "p50 latency idle", "us", False),
+    ("p99", "p99 latency idle", "us", False),
+]
+
+
+@dataclass
+class Scenario:
+    name: str
+    server_role: str
+    client_role: str
+    core: str | None = None
+    anchor: bool = False
+    samples: list[dict[str, float]] = field(default_factory=list)
+
+    def run(self, counts: list[int], workdir: Path) -> dict[str, float]:
+        result = run_pair(
+            __file__,
+            self.server_role,
+            self.client_role,
+            unix_addr(workdir, "rpc.sock"),
+            core=self.core,
+            extra=("--counts", ",".join(map(str, counts))),
+            results_from=("client",),
+            timeout=300,
+        )
+        return dict(json.loads(result["client"]))
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("anchor: length-prefixed RPC, uvloop", "anchor-server", "anchor-client", anchor=True),
+    Scenario("virnet, compiled", "virnet-server", "virnet-client", core="compiled"),
+    Scenario("virnet, pure", "virnet-server", "virnet-client", core="pure"),
+    # Extension points, to be added once virnet has data streams (do not fake them):
+    #   Scenario("virnet, compiled, beside a saturating stream", ...),
+    #   Scenario("virnet, compiled, beside a stalled stream", ...),
+    # and the matching anchors (a bulk transfer on the same connection).
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer calls and 2 repetitions")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--repeat", type=int, help="repetitions per scenario (default by mode)")
+    ap.add_argument("--only", action="append", help="run scenarios whose name contains this")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--addr", help=argparse.SUPPRESS)
+    ap.add_argument("--core", choices=["compiled", "pure"], help=argparse.SUPPRESS)
+    ap.add_argument("--counts", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    counts = [5_000, 20_000, 5_000] if args.quick else [20_000, 100_000, 20_000]
+    if args.counts:
+        counts = [int(c) for c in args.counts.split(",")]
+    if args.child:
+        child_main(args.child, args.addr, args.core, counts)
+        return 0
+
+    repeat = args.repeat or (2 if args.quick else 5)
+    scenarios = [
+        s for s in SCENARIOS if s.anchor or not args.only or any(o in s.name for o in args.only)
+    ]
+    info = machine_info()
+    print(
+        f"latency: {counts[0]} sequential, {counts[1]} with {INFLIGHT} in flight, "
+        f"{counts[2]} timed calls; {repeat} repetitions; {info}",
+        flush=True,
+    )
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="virnet-bench-") as tmp:
+        for rep in range(repeat):
+            for sc in scenarios:
+                sc.samples.append(sc.run(counts, Path(tmp)))
+                m = sc.samples[-1]
+                print(
+                    f"  [{rep + 1}/{repeat}] {sc.name}: seq {m['seq']:,.0f}/s, "
+                    f"{INFLIGHT} in flight {m['pipe']:,.0f}/s, "
+                    f"p50 {m['p50']:.0f} us, p99 {m['p99']:.0f} us",
+                    flush=True,
+                )
+    wall = time.perf_counter() - started
+
+    anchor = next((s for s in scenarios if s.anchor), None)
+    results = []
+    rows = []
+    for sc in scenarios:
+        for key, label, unit, _ in METRICS:
+            values = [m[key] for m in sc.samples]
+            med = statistics.median(values)
+            ratio = None
+            if anchor is not None:
+                ratio = med / statistics.median(m[key] for m in anchor.samples)
+            name = f"{sc.name}: {label}"
+            results.append({"name": name, "value": round(med, 2), "unit": unit, "ratio": ratio})
+            rows.append(
+                {
+                    "scenario": sc.name,
+                    "metric": label,
+                    "median": f"{med:,.0f} {unit}",
+                    "min..max": f"{min(values):,.0f}..{max(values):,.0f}",
+                    "ratio to anchor": f"{ratio:.2f}" if ratio is not None else "-",
+                }
+            )
+    print_table(
+        f"small calls, {repeat} repetitions, wall {wall:.0f} s "
+        "(latency ratio: virnet / anchor, above 1 is slower)",
+        rows,
+        ["scenario", "metric", "median", "min..max", "ratio to anchor"],
+    )
+    if args.json:
+        doc = {
+            "scenarios": results,
+            "meta": {
+                "counts": {"sequential": counts[0], "in_flight": counts[1], "timed": counts[2]},
+                "inflight": INFLIGHT,
+                "repeat": repeat,
+                "wall_s": wall,
+                "machine": info,
+                "samples": {s.name: s.samples for s in scenarios},
+            },
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

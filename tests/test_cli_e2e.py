@@ -1,0 +1,746 @@
+"""End-to-end tests of the installed executables ``virnetd`` and ``virnet``.
+
+Everything here runs the real console scripts as subprocesses (no in-process shortcuts):
+a daemon on a Unix socket under a short ``/tmp/vn-*`` directory, the client talking to it,
+and the exit statuses and messages of SPEC section 5 checked from the outside.  The tests
+are synchronous on purpose: the executables run their own event loops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT = 20.0  # seconds for virnetd to say "listening on"
+STOP_TIMEOUT = 10.0  # seconds after SIGTERM before SIGKILL
+RUN_TIMEOUT = 60.0  # seconds for one client invocation
+
+
+def _executable(name: str) -> str:
+    candidate = os.path.join(sysconfig.get_path("scripts"), name)
+    if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(
+            f"console script {name!r} not found next to the interpreter nor on PATH "
+            "(install the project: pip install -e '.[test]')",
+            pytrace=False,
+        )
+    return found
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("VIRNET_DEFAULT_URI", "VIRNET_SOCKET", "VIRNET_ROOT"):
+        env.pop(var, None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _describe(res: subprocess.CompletedProcess[str]) -> str:
+    return (
+        f"command {res.args!r} exited {res.returncode}\n"
+        f"--- stdout ---\n{res.stdout}--- stderr ---\n{res.stderr}"
+    )
+
+
+def run_virnet(
+    *args: str, uri: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    cmd = [_executable("virnet")]
+    if uri is not None:
+        cmd += ["-c", uri]
+    cmd += list(args)
+    return subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env=_env(env),
+        check=False,
+    )
+
+
+def ok(*args: str, uri: str | None = None) -> str:
+    """Run ``virnet``, require success with a silent stderr, return stdout."""
+    res = run_virnet(*args, uri=uri)
+    assert res.returncode == 0, _describe(res)
+    assert res.stderr == "", _describe(res)
+    return res.stdout
+
+
+def failed(*args: str, uri: str | None = None, needles: tuple[str, ...] = ()) -> str:
+    """Run ``virnet``, require exit 1 with one clean error line; return that line."""
+    res = run_virnet(*args, uri=uri)
+    assert res.returncode == 1, _describe(res)
+    assert res.stdout == "", _describe(res)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, _describe(res)
+    assert lines[0].startswith("virnet: error: "), _describe(res)
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), _describe(res)
+    return lines[0]
+
+
+class VirnetDaemon:
+    """One ``virnetd`` subprocess; stderr is collected by a thread for the whole run."""
+
+    def __init__(
+        self, root: Path, listen: list[str], readonly: tuple[str, ...] | list[str] = ()
+    ) -> None:
+        self.listen = list(listen)
+        self.readonly = list(readonly)
+        cmd = [_executable("virnetd"), "--root", str(root)]
+        for uri in self.listen:
+            cmd += ["--listen", uri]
+        for uri in self.readonly:
+            cmd += ["--listen-readonly", uri]
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            env=_env(),
+        )
+        self._reader = threading.Thread(target=self._read, name="virnetd-stderr", daemon=True)
+        self._reader.start()
+        self.returncode: int | None = None
+        self.killed = False
+
+    @property
+    def uri(self) -> str:
+        return self.listen[0]
+
+    @property
+    def ro_uri(self) -> str:
+        return self.readonly[0]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self._lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    @property
+    def stderr(self) -> str:
+        with self._cond:
+            return "".join(self._lines)
+
+    def _announced(self) -> int:
+        return sum(1 for line in self._lines if line.startswith("virnetd: listening on "))
+
+    def wait_ready(self) -> None:
+        expected = len(self.listen) + len(self.readonly)
+        with self._cond:
+            ready = self._cond.wait_for(
+                lambda: self._announced() >= expected or self._eof, timeout=START_TIMEOUT
+            )
+            ready = ready and self._announced() >= expected
+        if not ready:
+            self.stop()
+            pytest.fail(
+                f"virnetd (pid {self.pid}) did not report 'listening on' for all {expected} "
+                f"listeners within {START_TIMEOUT} s (exit status {self.returncode})\n"
+                f"--- stderr ---\n{self.stderr}",
+                pytrace=False,
+            )
+
+    def stop(self) -> int:
+        """SIGTERM exactly this process, SIGKILL after STOP_TIMEOUT; idempotent."""
+        if self.returncode is None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.killed = True
+                    self.proc.kill()
+                    self.proc.wait()
+            self.returncode = self.proc.returncode
+            self._reader.join(timeout=STOP_TIMEOUT)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+        return self.returncode
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vn-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(base: Path) -> Iterator[VirnetDaemon]:
+    """A daemon shared by the module: a read-write and a read-only Unix listener."""
+    d = VirnetDaemon(base / "root", [f"unix://{base}/d.sock"], readonly=[f"unix://{base}/ro.sock"])
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        rc = d.stop()
+    assert not d.killed, f"virnetd ignored SIGTERM\n{d.stderr}"
+    assert rc == 0, f"virnetd exited {rc}\n{d.stderr}"
+    assert "Traceback" not in d.stderr, d.stderr
+
+
+@pytest.fixture
+def area(daemon: VirnetDaemon, base: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory inside the shared daemon's root, named after the test."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+    path = base / "root" / name
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., VirnetDaemon]]:
+    """Start dedicated daemons (each in its own /tmp/vn-* dir); all stopped at teardown."""
+    started: list[VirnetDaemon] = []
+    dirs: list[str] = []
+
+    def start(readonly: bool = False) -> VirnetDaemon:
+        tmp = tempfile.mkdtemp(prefix="vn-", dir="/tmp")
+        dirs.append(tmp)
+        d = VirnetDaemon(
+            Path(tmp) / "root",
+            [f"unix://{tmp}/d.sock"],
+            readonly=[f"unix://{tmp}/ro.sock"] if readonly else [],
+        )
+        started.append(d)
+        d.wait_ready()
+        return d
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.stop()
+        for tmp in dirs:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _socket_path(uri: str) -> str:
+    assert uri.startswith("unix://")
+    return uri.removeprefix("unix://")
+
+
+# ---------------------------------------------------------------------------- ping
+
+
+def test_ping_count_prints_one_pong_per_round(daemon: VirnetDaemon) -> None:
+    out = ok("ping", "--count", "2", uri=daemon.uri)
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    for seq, line in enumerate(lines, 1):
+        assert re.fullmatch(
+            rf"pong from {re.escape(daemon.uri)}: seq={seq} time=\d+\.\d+ ms", line
+        ), line
+
+
+def test_ping_quiet_prints_nothing(daemon: VirnetDaemon) -> None:
+    assert ok("-q", "ping", "--count", "2", uri=daemon.uri) == ""
+
+
+# ---------------------------------------------------------------------------- FILES
+
+
+def test_mkdir_then_ls_plain_and_json(daemon: VirnetDaemon, area: Path) -> None:
+    d = area.name
+    assert ok("mkdir", f"{d}/sub", uri=daemon.uri) == ""
+    assert (area / "sub").is_dir()
+    (area / "a.bin").write_bytes(b"x" * 1000)
+    (area / "empty").write_bytes(b"")
+    os.mkfifo(area / "pipe")
+
+    listing = json.loads(ok("ls", d, "--json", uri=daemon.uri))
+    assert listing == [
+        {"name": "a.bin", "kind": "file", "size": 1000},
+        {"name": "empty", "kind": "file", "size": 0},
+        {"name": "pipe", "kind": "other", "size": 0},
+        {"name": "sub", "kind": "directory", "size": (area / "sub").stat().st_size},
+    ]
+
+    plain = ok("ls", d, uri=daemon.uri).splitlines()
+    rows = [line.split() for line in plain]
+    assert [r[2] for r in rows] == ["a.bin", "empty", "pipe", "sub/"], plain
+    assert [r[0] for r in rows] == ["file", "file", "other", "directory"], plain
+    assert [int(r[1]) for r in rows[:3]] == [1000, 0, 0], plain
+
+    # No path: the data root itself, which holds this test's directory.
+    top = json.loads(ok("ls", "--json", uri=daemon.uri))
+    assert {"name": d, "kind": "directory", "size": area.stat().st_size} in top
+    # An empty directory lists as nothing.
+    assert json.loads(ok("ls", f"{d}/sub", "--json", uri=daemon.uri)) == []
+    assert ok("ls", f"{d}/sub", uri=daemon.uri) == ""
+
+
+def test_stat_plain_and_json(daemon: VirnetDaemon, area: Path) -> None:
+    d = area.name
+    data = os.urandom(12345)
+    (area / "f.bin").write_bytes(data)
+    os.chmod(area / "f.bin", 0o640)
+    (area / "dir").mkdir()
+    os.chmod(area / "dir", 0o750)
+
+    st = os.stat(area / "f.bin")
+    info = json.loads(ok("stat", f"{d}/f.bin", "--json", uri=daemon.uri))
+    assert info == {
+        "path": f"{d}/f.bin",
+        "kind": "file",
+        "size": 12345,
+        "allocation": st.st_blocks * 512,
+        "mtime_ns": st.st_mtime_ns,
+        "mode": "0640",
+    }
+
+    plain = ok("stat", f"{d}/f.bin", uri=daemon.uri)
+    fields = dict(
+        (key.rstrip(":"), value.strip())
+        for key, value in (line.split(None, 1) for line in plain.splitlines())
+    )
+    assert fields["path"] == f"{d}/f.bin"
+    assert fields["kind"] == "file"
+    assert fields["size"].split()[0] == "12345"
+    assert fields["mode"] == "0640"
+    assert fields["mtime_ns"] == str(st.st_mtime_ns)
+
+    dinfo = json.loads(ok("stat", f"{d}/dir", "--json", uri=daemon.uri))
+    assert dinfo["kind"] == "directory"
+    assert dinfo["mode"] == "0750"
+    # Redundant separators and "." components name the same thing.
+    again = json.loads(ok("stat", f"./{d}//dir/.", "--json", uri=daemon.uri))
+    assert again["kind"] == "directory" and again["mtime_ns"] == dinfo["mtime_ns"]
+
+
+def test_checksum_sha256_and_md5(daemon: VirnetDaemon, area: Path) -> None:
+    d = area.name
+    data = os.urandom(3 * 1024 * 1024 + 17)  # several of the daemon's read blocks
+    (area / "blob").write_bytes(data)
+    (area / "nothing").write_bytes(b"")
+
+    out = ok("checksum", f"{d}/blob", uri=daemon.uri)
+    assert out == f"{hashlib.sha256(data).hexdigest()}  {d}/blob\n"
+    out = ok("checksum", f"{d}/blob", "--algorithm", "md5", uri=daemon.uri)
+    assert out == f"{hashlib.md5(data).hexdigest()}  {d}/blob\n"
+    out = ok("checksum", f"{d}/nothing", uri=daemon.uri)
+    assert out == f"{hashlib.sha256(b'').hexdigest()}  {d}/nothing\n"
+
+
+def test_rm_file_and_empty_directory(daemon: VirnetDaemon, area: Path) -> None:
+    d = area.name
+    (area / "gone.txt").write_text("bye")
+    (area / "emptydir").mkdir()
+    assert ok("rm", f"{d}/gone.txt", uri=daemon.uri) == ""
+    assert not (area / "gone.txt").exists()
+    assert ok("rm", f"{d}/emptydir", uri=daemon.uri) == ""
+    assert not (area / "emptydir").exists()
+    failed("rm", f"{d}/gone.txt", uri=daemon.uri, needles=("no such file",))
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_stat_missing_path_is_one_error_line(daemon: VirnetDaemon, area: Path) -> None:
+    line = failed("stat", f"{area.name}/missing", uri=daemon.uri, needles=("no such file",))
+    assert f"{area.name}/missing" in line
+
+
+def test_mkdir_existing_fails_cleanly(daemon: VirnetDaemon, area: Path) -> None:
+    (area / "here").mkdir()
+    failed("mkdir", f"{area.name}/here", uri=daemon.uri, needles=("exists",))
+    failed("mkdir", f"{area.name}/no/such/parent", uri=daemon.uri, needles=("no such file",))
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a/../../x", "a/b/../../../x"])
+@pytest.mark.parametrize("command", ["stat", "ls", "checksum"])
+def test_escaping_paths_are_refused(daemon: VirnetDaemon, command: str, path: str) -> None:
+    failed(command, path, uri=daemon.uri, needles=("refused",))
+
+
+def test_writes_outside_the_root_are_refused(daemon: VirnetDaemon, base: Path) -> None:
+    outside = base / "outside-writes"
+    outside.mkdir(exist_ok=True)
+    victim = outside / "victim"
+    victim.write_text("keep me")
+    failed("rm", str(victim), uri=daemon.uri, needles=("refused",))
+    failed("rm", "../outside-writes/victim", uri=daemon.uri, needles=("refused",))
+    failed("mkdir", str(outside / "new"), uri=daemon.uri, needles=("refused",))
+    failed("mkdir", "../outside-writes/new", uri=daemon.uri, needles=("refused",))
+    assert victim.read_text() == "keep me"
+    assert not (outside / "new").exists()
+
+
+def test_data_root_itself_cannot_be_deleted(daemon: VirnetDaemon, base: Path) -> None:
+    failed("rm", ".", uri=daemon.uri, needles=("refus",))
+    assert (base / "root").is_dir()
+
+
+def test_symlinks_leading_outside_are_refused(daemon: VirnetDaemon, area: Path, base: Path) -> None:
+    d = area.name
+    outside = base / "outside-links"
+    outside.mkdir(exist_ok=True)
+    secret = outside / "secret"
+    secret.write_text("secret")
+    os.symlink("/etc", area / "esc")
+    os.symlink(outside, area / "outdir")
+    os.symlink(secret, area / "outfile")
+    (area / "inside.txt").write_text("inside")
+    os.symlink("inside.txt", area / "inlink")
+
+    uri = daemon.uri
+    for cmd in (
+        ("stat", f"{d}/esc/passwd"),
+        ("stat", f"{d}/esc"),
+        ("ls", f"{d}/esc"),
+        ("checksum", f"{d}/esc/passwd"),
+        ("stat", f"{d}/outfile"),
+        ("checksum", f"{d}/outfile"),
+        ("ls", f"{d}/outdir"),
+        ("mkdir", f"{d}/outdir/new"),
+        ("rm", f"{d}/outdir/secret"),
+        ("mkdir", f"{d}/esc/virnet-must-not-create"),
+    ):
+        failed(*cmd, uri=uri, needles=("outside the data root",))
+    assert secret.read_text() == "secret"
+    assert not (outside / "new").exists()
+    assert not os.path.exists("/etc/virnet-must-not-create")
+
+    # A symlink that stays inside the root is followed.
+    info = json.loads(ok("stat", f"{d}/inlink", "--json", uri=uri))
+    assert info["kind"] == "file" and info["size"] == len("inside")
+
+    # DELETE removes the link itself, never its target.
+    assert ok("rm", f"{d}/esc", uri=uri) == ""
+    assert not os.path.lexists(area / "esc")
+    assert os.path.isfile("/etc/passwd")
+    assert ok("rm", f"{d}/outfile", uri=uri) == ""
+    assert not os.path.lexists(area / "outfile")
+    assert secret.read_text() == "secret"
+    assert ok("rm", f"{d}/outdir", uri=uri) == ""
+    assert not os.path.lexists(area / "outdir")
+    assert secret.read_text() == "secret"
+    assert ok("rm", f"{d}/inlink", uri=uri) == ""
+    assert (area / "inside.txt").read_text() == "inside"
+
+
+def test_rm_non_empty_directory_fails_cleanly(daemon: VirnetDaemon, area: Path) -> None:
+    (area / "full").mkdir()
+    (area / "full" / "child").write_text("x")
+    failed("rm", f"{area.name}/full", uri=daemon.uri, needles=("not empty",))
+    assert (area / "full" / "child").read_text() == "x"
+
+
+def test_checksum_bad_algorithm_or_target_fails_cleanly(daemon: VirnetDaemon, area: Path) -> None:
+    (area / "f").write_text("data")
+    (area / "dir").mkdir()
+    failed(
+        "checksum",
+        f"{area.name}/f",
+        "--algorithm",
+        "no-such-hash",
+        uri=daemon.uri,
+        needles=("unsupported checksum algorithm", "no-such-hash"),
+    )
+    failed("checksum", f"{area.name}/dir", uri=daemon.uri)
+    failed("checksum", f"{area.name}/missing", uri=daemon.uri, needles=("no such file",))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["stat"],
+        ["frobnicate"],
+        ["ls", "--no-such-flag"],
+        ["ping", "--count", "zero"],
+        ["ping", "--count", "0"],
+    ],
+    ids=["nothing", "stat-no-path", "unknown-command", "unknown-flag", "count-nan", "count-0"],
+)
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    res = run_virnet(*argv, uri="unix:///nonexistent/virnet-e2e.sock")
+    assert res.returncode == 2, _describe(res)
+    assert res.stdout == "", _describe(res)
+    assert "Traceback" not in res.stderr, _describe(res)
+    assert res.stderr.strip(), _describe(res)
+
+
+def test_help_exits_0() -> None:
+    res = run_virnet("--help")
+    assert res.returncode == 0, _describe(res)
+    assert "usage: virnet" in res.stdout
+
+
+def test_nothing_listening_is_one_clean_line(base: Path) -> None:
+    missing = base / "nobody.sock"
+    failed("ping", uri=f"unix://{missing}", needles=(str(missing),))
+    failed("ls", uri=f"unix://{base}/no/such/dir/x.sock")
+
+    # A socket file that nobody listens on any more (a daemon that died).
+    stale = base / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(stale))
+    finally:
+        s.close()
+    failed("ping", uri=f"unix://{stale}", needles=(str(stale),))
+
+    # Not a socket at all.
+    regular = base / "regular.sock"
+    regular.write_text("")
+    failed("ping", uri=f"unix://{regular}")
+
+
+def test_bad_uri_is_one_clean_line() -> None:
+    res = run_virnet("ping", uri="ftp://example.invalid/x")
+    assert res.returncode in (1, 2), _describe(res)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("virnet: error: "), _describe(res)
+
+
+# ---------------------------------------------------------------------------- read-only
+
+
+def test_readonly_listener_allows_reads_denies_writes(area: Path, daemon: VirnetDaemon) -> None:
+    d = area.name
+    data = b"read me\n" * 100
+    (area / "f.txt").write_bytes(data)
+    ro = daemon.ro_uri
+
+    assert json.loads(ok("stat", f"{d}/f.txt", "--json", uri=ro))["size"] == len(data)
+    assert json.loads(ok("ls", d, "--json", uri=ro)) == [
+        {"name": "f.txt", "kind": "file", "size": len(data)}
+    ]
+    assert ok("checksum", f"{d}/f.txt", uri=ro).split()[0] == hashlib.sha256(data).hexdigest()
+    assert len(ok("ping", uri=ro).splitlines()) == 1
+
+    failed("mkdir", f"{d}/newdir", uri=ro, needles=("read only",))
+    failed("rm", f"{d}/f.txt", uri=ro, needles=("read only",))
+    assert not (area / "newdir").exists()
+    assert (area / "f.txt").read_bytes() == data
+    # Refusals still come first for bad paths, even read-only.
+    failed("stat", "../x", uri=ro, needles=("refused",))
+
+
+# ---------------------------------------------------------------------------- daemon lifecycle
+
+
+def test_unix_sockets_are_mode_0600(daemon: VirnetDaemon) -> None:
+    for uri in (daemon.uri, daemon.ro_uri):
+        st = os.lstat(_socket_path(uri))
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+
+
+def test_sigterm_stops_gracefully_and_removes_sockets(
+    spawn: Callable[..., VirnetDaemon],
+) -> None:
+    d = spawn(readonly=True)
+    paths = [_socket_path(d.uri), _socket_path(d.ro_uri)]
+    assert all(os.path.exists(p) for p in paths)
+    assert len(ok("ping", uri=d.uri).splitlines()) == 1
+
+    started = time.monotonic()
+    rc = d.stop()
+    elapsed = time.monotonic() - started
+    assert not d.killed, d.stderr
+    assert rc == 0, d.stderr
+    assert elapsed < 5.0, f"virnetd took {elapsed:.1f} s to stop\n{d.stderr}"
+    assert not any(os.path.lexists(p) for p in paths), d.stderr
+    assert "Traceback" not in d.stderr, d.stderr
+    failed("ping", uri=d.uri)
+
+
+def run_virnetd(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a ``virnetd`` that is expected to fail at start-up (so it returns by itself)."""
+    return subprocess.run(
+        [_executable("virnetd"), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        env=_env(),
+        check=False,
+    )
+
+
+def assert_startup_failed(res: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert res.returncode == 1, _describe(res)
+    assert "Traceback" not in res.stderr, _describe(res)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("virnetd: error:")]
+    assert len(errors) == 1, _describe(res)
+    assert needle in errors[0], _describe(res)
+    assert "virnetd: listening on" not in res.stderr, _describe(res)
+
+
+@pytest.mark.parametrize("extra_listener", [False, True], ids=["alone", "after-another"])
+def test_second_daemon_on_same_socket_fails(
+    spawn: Callable[..., VirnetDaemon], extra_listener: bool
+) -> None:
+    first = spawn()
+    path = _socket_path(first.uri)
+    inode = os.lstat(path).st_ino
+    tmp = Path(path).parent
+    other = tmp / "other.sock"
+
+    # With another listener first, that one binds before the clash: it must be closed
+    # and its socket file removed, not left behind as a stray.
+    listen = ["--listen", f"unix://{other}"] if extra_listener else []
+    res = run_virnetd(*listen, "--listen", first.uri, "--root", str(tmp / "root"))
+    assert_startup_failed(res, "in use")
+    assert not os.path.lexists(other), _describe(res)
+
+    # The first daemon's socket is untouched and still answers.
+    assert os.lstat(path).st_ino == inode
+    assert len(ok("ping", "--count", "2", uri=first.uri).splitlines()) == 2
+    assert first.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    "case", ["root-is-a-file", "root-uncreatable", "bad-scheme", "not-a-socket", "path-too-long"]
+)
+def test_daemon_startup_errors_are_one_clean_line(base: Path, case: str) -> None:
+    tmp = base / f"startup-{case}"
+    tmp.mkdir()
+    (tmp / "plain-file").write_text("")
+    root, listen, needle = str(tmp / "root"), f"unix://{tmp}/d.sock", ""
+    if case == "root-is-a-file":
+        root, needle = str(tmp / "plain-file"), "plain-file"
+    elif case == "root-uncreatable":
+        root, needle = str(tmp / "plain-file" / "sub"), "plain-file"
+    elif case == "bad-scheme":
+        listen, needle = "ftp://localhost/x", "unsupported scheme"
+    elif case == "not-a-socket":
+        listen, needle = f"unix://{tmp}/plain-file", "not a socket"
+    else:
+        listen, needle = f"unix://{tmp}/{'s' * 120}.sock", "too long"
+    assert_startup_failed(run_virnetd("--listen", listen, "--root", root), needle)
+    assert (tmp / "plain-file").is_file()
+
+
+def test_stale_socket_file_is_replaced() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="vn-", dir="/tmp"))
+    try:
+        stale = tmp / "d.sock"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(str(stale))
+        finally:
+            s.close()
+        d = VirnetDaemon(tmp / "root", [f"unix://{stale}"])
+        try:
+            d.wait_ready()
+            assert len(ok("ping", uri=d.uri).splitlines()) == 1
+        finally:
+            assert d.stop() == 0, d.stderr
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _expect_disconnect(sock: socket.socket) -> None:
+    sock.settimeout(10.0)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+    except ConnectionResetError:
+        return
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x00" + b"garbage, not a virnet packet" * 4,
+        b"\xff\xff\xff\xff" + b"far too long",
+        b"\x00\x00\x00\x1b" + b"\x00" * 64,  # 27: one below the minimum
+    ],
+    ids=["length-0", "length-huge", "length-27"],
+)
+def test_malformed_client_is_disconnected_others_unaffected(
+    spawn: Callable[..., VirnetDaemon], garbage: bytes
+) -> None:
+    d = spawn()
+    bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        bad.connect(_socket_path(d.uri))
+        # Let the good client connect while the bad one is open, then send the garbage.
+        assert len(ok("ping", uri=d.uri).splitlines()) == 1
+        bad.sendall(garbage)
+        _expect_disconnect(bad)
+    finally:
+        bad.close()
+    assert len(ok("ping", "--count", "2", uri=d.uri).splitlines()) == 2
+    assert d.proc.poll() is None, d.stderr
+
+    rc = d.stop()
+    log = d.stderr
+    assert rc == 0, log
+    assert "Traceback" not in log, log
+    reasons = [line for line in log.splitlines() if "closing connection" in line]
+    assert len(reasons) == 1, log
+    assert "length" in reasons[0], log
+
+
+def test_client_vanishing_mid_packet_is_harmless(spawn: Callable[..., VirnetDaemon]) -> None:
+    d = spawn()
+    for partial in (b"\x00\x00", b"\x00\x00\x00\x40" + b"\x20" * 10):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(_socket_path(d.uri))
+            s.sendall(partial)
+        finally:
+            s.close()
+    assert len(ok("ping", uri=d.uri).splitlines()) == 1
+    assert d.stop() == 0, d.stderr
+    assert "Traceback" not in d.stderr, d.stderr
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+@pytest.mark.parametrize("no_extensions", [False, True], ids=["default", "no-extensions"])
+def test_demo_prints_framing_rate(no_extensions: bool) -> None:
+    env = {"VIRNET_NO_EXTENSIONS": "1"} if no_extensions else None
+    res = run_virnet("demo", "--size", "16M", env=env)
+    assert res.returncode == 0, _describe(res)
+    assert "Traceback" not in res.stderr, _describe(res)
+    assert re.search(r"framing.*\b16 MiB: \d+\.\d+ GB/s$", res.stdout, re.M), _describe(res)
+    pure = no_extensions or bool(os.environ.get("VIRNET_NO_EXTENSIONS"))
+    expected = "wire core: pure Python" if pure else "wire core: compiled (Cython)"
+    assert expected in res.stdout, _describe(res)

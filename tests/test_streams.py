@@ -1,0 +1,492 @@
+"""Data streams over real sockets: both directions, finish, EOF, abort, holes, flow
+control, fairness, bad input.  Both loops (root conftest), both cores (ci/test.sh)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+from _rpcutil import (
+    ECHO,
+    ECHO_STREAM,
+    MODE_FAIL_EARLY,
+    MODE_FAIL_MIDWAY,
+    MODE_HOLES,
+    MODE_NORMAL,
+    MODE_STALL,
+    SINK,
+    SOURCE,
+    SPARSE_SINK,
+    TEST,
+    DemoService,
+    EchoArgs,
+    StreamArgs,
+    StreamService,
+    pattern,
+    remove_tree,
+    short_tmpdir,
+    sock_uri,
+)
+
+import virnet
+from virnet import _impl, protocol, xdr
+from virnet.constants import STREAM_CHUNK
+from virnet.errors import ErrorCode, RPCError, StreamError
+from virnet.stream import Hole, StreamEvent, StreamState
+
+
+class Env:
+    def __init__(self, server: virnet.Server, streams: StreamService, uri: str) -> None:
+        self.server = server
+        self.streams = streams
+        self.uri = uri
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    tmp = short_tmpdir()
+    server = virnet.Server(window=1024 * 1024)
+    DemoService().register(server)
+    streams = StreamService()
+    streams.register(server)
+    uri = str(await server.listen(sock_uri(tmp)))
+    try:
+        yield Env(server, streams, uri)
+    finally:
+        await server.close(grace=1)
+        remove_tree(tmp)
+
+
+async def test_upload(env: Env) -> None:
+    data = pattern(3_000_000, 1)
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SINK, StreamArgs(len(data), 1, MODE_NORMAL))
+        assert st.reply.size == len(data)
+        await st.send(data)
+        await st.finish()
+        assert st.state is StreamState.FINISHED
+        assert st.bytes_sent == len(data)
+    assert env.streams.received[1] == data
+
+
+async def test_upload_mutable_buffer_is_copied(env: Env) -> None:
+    data = bytearray(pattern(1_000_000, 2))
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SINK, StreamArgs(len(data), 2, MODE_NORMAL))
+        await st.send(data)
+        expected = bytes(data)
+        data[:] = bytes(len(data))  # reuse after send() returned
+        await st.finish()
+    assert env.streams.received[2] == expected
+
+
+async def test_download_and_eof(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(2_500_000, 3, MODE_NORMAL))
+        got = bytearray()
+        assert await st.recv_all(got.extend) == 2_500_000
+        assert st.at_eof
+        assert await st.recv() == b""  # EOF again
+        await st.finish()
+    assert bytes(got) == pattern(2_500_000, 3)
+
+
+async def test_download_recv_sizes(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(100_000, 4, MODE_NORMAL))
+        parts = []
+        while chunk := await st.recv(777):
+            assert len(chunk) <= 777
+            parts.append(chunk)
+        await st.finish()
+    assert b"".join(parts) == pattern(100_000, 4)
+
+
+async def test_packets_never_exceed_262120(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(2 * STREAM_CHUNK + 5, 5, MODE_NORMAL))
+        sizes = []
+        async for chunk in st:
+            assert isinstance(chunk, memoryview)
+            sizes.append(len(chunk))
+        await st.finish()
+    assert max(sizes) == STREAM_CHUNK
+    assert sum(sizes) == 2 * STREAM_CHUNK + 5
+
+
+async def test_two_way_stream(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(ECHO_STREAM, StreamArgs(0, 0, 0))
+        for i in range(20):
+            msg = f"line {i}\n".encode() * (i + 1)
+            await st.send(msg)
+            got = b""
+            while len(got) < len(msg):
+                got += await st.recv()
+            assert got == msg
+        await st.finish()
+        assert st.state is StreamState.FINISHED
+
+
+async def test_call_that_fails_leaves_no_stream(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        with pytest.raises(RPCError, match="refused before the stream") as info:
+            await c.open_stream(SINK, StreamArgs(0, 6, MODE_FAIL_EARLY))
+        assert not isinstance(info.value, StreamError)
+        assert c.protocol.streams == {}
+        assert (await c.call(ECHO, EchoArgs("", 0, 1))).n == 2
+
+
+async def test_server_error_midway_upload(env: Env) -> None:
+    data = pattern(2_000_000, 7)
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SINK, StreamArgs(len(data), 7, MODE_FAIL_MIDWAY))
+        with pytest.raises(StreamError, match="sink failed midway") as info:
+            await st.send(data)
+            await st.finish()
+        assert info.value.int1 == 5
+        assert st.state is StreamState.FAILED
+        with pytest.raises(StreamError):  # every later operation raises it
+            await st.send(b"more")
+        assert (await c.call(ECHO, EchoArgs("", 0, 1))).n == 2
+
+
+async def test_server_error_midway_download(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(2_000_000, 8, MODE_FAIL_MIDWAY))
+        got = 0
+        with pytest.raises(StreamError, match="source failed midway"):
+            async for chunk in st:
+                got += len(chunk)  # type: ignore[arg-type]
+        assert got == 1_000_000  # data before the error was delivered
+        with pytest.raises(StreamError):
+            await st.finish()
+
+
+async def test_client_abort_mid_upload(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SINK, StreamArgs(10_000_000, 9, MODE_NORMAL))
+        await st.send(pattern(1_000_000, 9))
+        await st.abort("changed my mind")
+        assert st.state is StreamState.ABORTED
+        with pytest.raises(StreamError):
+            await st.send(b"x")
+        for _ in range(100):
+            if env.streams.results.get(9):
+                break
+            await asyncio.sleep(0.01)
+        assert "aborted by the client" in env.streams.results[9]
+        assert (await c.call(ECHO, EchoArgs("", 0, 1))).n == 2
+        assert not env.server.connections.copy().pop().open_streams
+
+
+async def test_client_abort_mid_download(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(50_000_000, 10, MODE_NORMAL))
+        await st.recv()
+        await st.abort()
+        assert st.state is StreamState.ABORTED
+        # late packets of the aborted stream are dropped; the connection is fine
+        for i in range(10):
+            assert (await c.call(ECHO, EchoArgs("", 0, i))).n == i + 1
+
+
+async def test_context_manager_aborts_without_finish(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        async with await c.open_stream(SINK, StreamArgs(0, 11, MODE_NORMAL)) as st:
+            await st.send(b"partial")
+        assert st.state is StreamState.ABORTED
+        async with await c.open_stream(SINK, StreamArgs(0, 12, MODE_NORMAL)) as st2:
+            await st2.send(b"complete")
+            await st2.finish()
+        assert st2.state is StreamState.FINISHED
+    assert env.streams.received[12] == b"complete"
+    assert 11 not in env.streams.received
+
+
+async def test_sparse_download_and_upload(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(200_000, 13, MODE_HOLES), sparse=True)
+        items = [bytes(i) if isinstance(i, memoryview) else i async for i in st]
+        await st.finish()
+        assert Hole(1 << 20) in items
+        assert b"".join(i for i in items if isinstance(i, bytes)) == pattern(200_000, 13)
+
+        up = await c.open_stream(SPARSE_SINK, StreamArgs(0, 14, 0), sparse=True)
+        await up.send(b"head")
+        await up.send_hole(4096)
+        await up.send(b"tail")
+        await up.finish()
+    assert env.streams.sparse_log[14] == [b"head", Hole(4096), b"tail"]
+
+
+async def test_hole_reads_as_zeros_with_recv(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(8, 15, MODE_HOLES), sparse=True)
+        out = b""
+        while chunk := await st.recv(300_000):
+            out += chunk
+        await st.finish()
+    assert out == pattern(8, 15)[:4] + bytes(1 << 20) + pattern(8, 15)[4:]
+
+
+async def test_hole_on_non_sparse_stream_is_a_stream_error(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SINK, StreamArgs(0, 16, MODE_NORMAL))
+        with pytest.raises(StreamError, match="sparse"):
+            await st.send_hole(100)
+        # force one onto the wire: the server must fail the stream, not the connection
+        payload = xdr.encode(protocol.StreamHole, protocol.StreamHole(100, 0))
+        c.protocol.queue_urgent(_impl.encode_message(*st.key[:3], 6, st.serial, 2, payload))
+        with pytest.raises(StreamError, match="Unexpected stream hole"):
+            await st.finish()
+        assert (await c.call(ECHO, EchoArgs("", 0, 1))).n == 2
+
+
+async def test_flow_control_stalled_reader_blocks_nothing_else(env: Env) -> None:
+    """A stream whose reader stops holds one window; calls and other streams go on."""
+    async with await virnet.connect(env.uri, window=1024 * 1024) as c:
+        stalled = await c.open_stream(SINK, StreamArgs(0, 17, MODE_STALL))
+        writer = asyncio.ensure_future(stalled.send(bytes(50_000_000)))
+        await asyncio.sleep(0.2)
+        assert not writer.done()  # blocked on credit...
+        assert stalled.bytes_sent <= env.server.window  # ...after one window
+        for i in range(50):
+            assert (await c.call(ECHO, EchoArgs("", 0, i), timeout=5)).n == i + 1
+        other = await c.open_stream(SOURCE, StreamArgs(5_000_000, 18, MODE_NORMAL))
+        got = bytearray()
+        await asyncio.wait_for(other.recv_all(got.extend), 20)
+        await other.finish()
+        assert bytes(got) == pattern(5_000_000, 18)
+        writer.cancel()
+        await stalled.abort()
+
+
+async def test_sixteen_streams_and_1000_calls(env: Env) -> None:
+    env.server.max_calls = 256
+    size = 1_000_000
+    async with await virnet.connect(env.uri) as c:
+
+        async def upload(seed: int) -> None:
+            st = await c.open_stream(SINK, StreamArgs(size, seed, MODE_NORMAL))
+            await st.send(pattern(size, seed))
+            await st.finish()
+
+        async def download(seed: int) -> bytes:
+            st = await c.open_stream(SOURCE, StreamArgs(size, seed, MODE_NORMAL))
+            buf = bytearray()
+            await st.recv_all(buf.extend)
+            await st.finish()
+            return bytes(buf)
+
+        async def calls() -> list[int]:
+            res = await asyncio.gather(*(c.call(ECHO, EchoArgs("c", 0, i)) for i in range(1000)))
+            return [r.n for r in res]
+
+        results = await asyncio.gather(
+            *(upload(100 + i) for i in range(8)),
+            *(download(200 + i) for i in range(8)),
+            calls(),
+        )
+    downloads = results[8:16]
+    for i, data in enumerate(downloads):
+        assert hashlib.sha256(data).digest() == hashlib.sha256(pattern(size, 200 + i)).digest()
+    for i in range(8):
+        assert env.streams.received[100 + i] == pattern(size, 100 + i)
+    assert results[16] == list(range(1, 1001))
+
+
+async def test_fair_interleaving(env: Env) -> None:
+    """Two concurrent downloads progress together, packet by packet."""
+    async with await virnet.connect(env.uri) as c:
+        a = await c.open_stream(SOURCE, StreamArgs(8_000_000, 19, MODE_NORMAL))
+        b = await c.open_stream(SOURCE, StreamArgs(8_000_000, 20, MODE_NORMAL))
+        order: list[str] = []
+
+        async def drain(name: str, st: virnet.Stream) -> None:
+            async for _ in st:
+                order.append(name)
+            await st.finish()
+
+        await asyncio.gather(drain("a", a), drain("b", b))
+    first_half = order[: len(order) // 2]
+    assert first_half.count("a") > len(first_half) // 4
+    assert first_half.count("b") > len(first_half) // 4
+
+
+async def test_nonblocking_api_and_callbacks(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(600_000, 21, MODE_NORMAL))
+        got = bytearray()
+        done = asyncio.get_running_loop().create_future()
+        seen: set[StreamEvent] = set()
+
+        def on_event(stream: virnet.Stream, events: StreamEvent) -> None:
+            seen.add(events)
+            while True:
+                try:
+                    chunk = stream.try_recv(100_000)
+                except BlockingIOError:
+                    return
+                if not chunk:
+                    stream.remove_event_callback()
+                    done.set_result(None)
+                    return
+                got.extend(chunk)
+
+        st.add_event_callback(StreamEvent.READABLE | StreamEvent.HANGUP, on_event)
+        with pytest.raises(StreamError, match="multiple"):
+            st.add_event_callback(StreamEvent.READABLE, on_event)
+        await asyncio.wait_for(done, 10)
+        await st.finish()
+        assert bytes(got) == pattern(600_000, 21)
+        assert any(e & StreamEvent.READABLE for e in seen)
+
+        up = await c.open_stream(SINK, StreamArgs(0, 22, MODE_NORMAL))
+        writable = asyncio.Event()
+        up.add_event_callback(StreamEvent.WRITABLE, lambda s, e: writable.set())
+        await asyncio.wait_for(writable.wait(), 5)
+        assert up.try_send(b"abc") == 3
+        with pytest.raises(BlockingIOError):
+            while True:
+                up.try_send(bytes(1_000_000))
+        up.remove_event_callback()
+        await up.abort()
+        empty = await c.open_stream(SOURCE, StreamArgs(0, 23, MODE_NORMAL))
+        await asyncio.sleep(0.05)
+        assert empty.try_recv() == b""
+        await empty.finish()
+
+
+async def test_connection_lost_mid_stream_fails_promptly(env: Env) -> None:
+    c = await virnet.connect(env.uri)
+    st = await c.open_stream(SOURCE, StreamArgs(100_000_000, 24, MODE_NORMAL))
+    await st.recv()
+    for conn in list(env.server.connections):
+        assert conn.transport is not None
+        conn.transport.abort()
+    with pytest.raises(StreamError, match="connection lost"):
+        async with asyncio.timeout(5):
+            async for _ in st:
+                pass
+    await c.close()
+
+
+async def test_server_sees_client_vanish(env: Env) -> None:
+    c = await virnet.connect(env.uri)
+    st = await c.open_stream(SINK, StreamArgs(0, 25, MODE_NORMAL))
+    await st.send(b"x" * 1000)
+    await asyncio.sleep(0.05)
+    c.protocol.transport.abort()  # type: ignore[union-attr]
+    for _ in range(200):
+        if 25 in env.streams.results:
+            break
+        await asyncio.sleep(0.01)
+    assert "connection lost" in env.streams.results[25]
+
+
+async def test_bad_stream_input(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    async with await virnet.connect(env.uri) as c:
+        proto = c.protocol
+        # data for an unknown stream: dropped silently
+        proto.queue_urgent(_impl.encode_stream_data(TEST.number, 1, SINK.number, 9999, b"zz"))
+        # a finish (STREAM+OK) that answers nothing on the server: no stream, dropped
+        proto.queue_urgent(_impl.encode_message(TEST.number, 1, SINK.number, 3, 9998, 0))
+        assert (await c.call(ECHO, EchoArgs("", 0, 1))).n == 2
+
+    # a STREAM+OK the client never asked for is a protocol violation on the client
+    async def rogue(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(65536)
+        (call,) = _impl.FrameDecoder().feed(data)
+        writer.write(_impl.wire.join(_impl.encode_message(call.prog, call.vers, call.proc, 1,
+                                                          call.serial, 0, bytes(8))))
+        writer.write(_impl.wire.join(_impl.encode_message(call.prog, call.vers, call.proc, 3,
+                                                     call.serial, 0)))
+        await writer.drain()
+        await reader.read(65536)
+        writer.close()
+
+    tmp = short_tmpdir()
+    srv = await asyncio.start_unix_server(rogue, f"{tmp}/r.sock")
+    try:
+        c2 = await virnet.connect(f"unix://{tmp}/r.sock", hello=False)
+        st = await c2.open_stream(SOURCE, StreamArgs(10, 1, 0))
+        with pytest.raises(StreamError, match="answers nothing"):
+            await asyncio.wait_for(st.recv(), 5)
+        await c2.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        remove_tree(tmp)
+
+
+async def test_oversize_stream_packet_closes_connection(env: Env) -> None:
+    tmp = short_tmpdir()
+    server = virnet.Server(max_message=1 << 20)
+    StreamService().register(server)
+    uri = str(await server.listen(sock_uri(tmp)))
+    try:
+        async with await virnet.connect(uri) as c:
+            st = await c.open_stream(SINK, StreamArgs(0, 1, 0))
+            big = bytes(2 << 20)
+            c.protocol.queue_urgent(_impl.encode_message(*st.key[:3], 3, st.serial, 2, big))
+            with pytest.raises(StreamError):
+                await asyncio.wait_for(st.finish(), 5)
+    finally:
+        await server.close()
+        remove_tree(tmp)
+
+
+async def test_peer_exceeding_window_fails_stream(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SINK, StreamArgs(0, 26, MODE_STALL))
+        # bypass our own credit accounting: 3 windows of raw packets
+        for _ in range(12):
+            c.protocol.queue_urgent(
+                _impl.encode_stream_data(*st.key[:3], st.serial, bytes(STREAM_CHUNK))
+            )
+        with pytest.raises(StreamError, match="flow-control window"):
+            await asyncio.wait_for(st.finish(), 5)
+        assert (await c.call(ECHO, EchoArgs("", 0, 1))).n == 2
+
+
+async def test_max_streams_per_client(env: Env) -> None:
+    env.server.max_streams = 2
+    async with await virnet.connect(env.uri) as c:
+        s1 = await c.open_stream(SINK, StreamArgs(0, 27, MODE_NORMAL))
+        s2 = await c.open_stream(SINK, StreamArgs(0, 28, MODE_NORMAL))
+        with pytest.raises(RPCError, match="too many streams") as info:
+            await c.open_stream(SINK, StreamArgs(0, 29, MODE_NORMAL))
+        assert info.value.code == ErrorCode.OPERATION_FAILED
+        await s1.finish()
+        await s2.finish()
+        s3 = await c.open_stream(SINK, StreamArgs(0, 30, MODE_NORMAL))
+        await s3.finish()
+
+
+async def test_server_shutdown_ends_streams_with_error(env: Env) -> None:
+    c = await virnet.connect(env.uri)
+    st = await c.open_stream(SINK, StreamArgs(0, 31, MODE_STALL))
+    closing = asyncio.ensure_future(env.server.close(grace=0.5))
+    with pytest.raises(StreamError, match="shutting down|connection lost"):
+        await asyncio.wait_for(st.finish(), 10)
+    await closing
+    await c.close()
+
+
+def test_stream_hole_payload_layout() -> None:
+    payload = xdr.encode(protocol.StreamHole, protocol.StreamHole(5, 0))
+    assert payload == struct.pack(">qI", 5, 0)
+
+
+async def test_logs_quiet_on_normal_use(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(1000, 32, MODE_NORMAL))
+            await st.recv_all(lambda b: None)
+            await st.finish()
+    assert not [r for r in caplog.records if r.name.startswith("virnet")]
