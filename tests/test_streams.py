@@ -10,6 +10,8 @@ import struct
 from collections.abc import AsyncIterator
 
 import pytest
+
+import virnet
 from _rpcutil import (
     ECHO,
     ECHO_STREAM,
@@ -31,8 +33,6 @@ from _rpcutil import (
     short_tmpdir,
     sock_uri,
 )
-
-import virnet
 from virnet import _impl, protocol, xdr
 from virnet.constants import STREAM_CHUNK
 from virnet.errors import ErrorCode, RPCError, StreamError
@@ -309,7 +309,7 @@ async def test_fair_interleaving(env: Env) -> None:
 
         async def drain(name: str, st: virnet.Stream) -> None:
             async for _ in st:
-                order.append(name)
+                order.append(name)  # noqa: PERF401 - arrival order matters
             await st.finish()
 
         await asyncio.gather(drain("a", a), drain("b", b))
@@ -472,7 +472,7 @@ async def test_server_shutdown_ends_streams_with_error(env: Env) -> None:
     c = await virnet.connect(env.uri)
     st = await c.open_stream(SINK, StreamArgs(0, 31, MODE_STALL))
     closing = asyncio.ensure_future(env.server.close(grace=0.5))
-    with pytest.raises(StreamError, match="shutting down|connection lost"):
+    with pytest.raises(StreamError, match=r"shutting down|connection lost"):
         await asyncio.wait_for(st.finish(), 10)
     await closing
     await c.close()
