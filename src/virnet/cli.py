@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -97,6 +99,110 @@ async def cmd_checksum(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class ProgressBar:
+    """A rich progress bar on stderr (bytes, rate, ETA), or nothing."""
+
+    def __init__(self, enabled: bool, description: str, total: int | None) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._task = self._progress.add_task(description, total=total)
+
+    def __enter__(self) -> ProgressBar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def total(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=n)
+
+    def update(self, done: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done)
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    if args.quiet:
+        return False
+    if args.progress is not None:
+        return bool(args.progress)
+    return sys.stderr.isatty()
+
+
+async def cmd_upload(client: Client, args: argparse.Namespace) -> int:
+    from . import transfer
+
+    total = None
+    if args.local != "-":
+        total = args.length or max(0, os.path.getsize(args.local))
+    start = time.perf_counter()
+    with ProgressBar(_show_progress(args), f"upload {args.remote}", total) as bar:
+        done = await transfer.upload(
+            client, args.local, args.remote, sparse=args.sparse, offset=args.offset,
+            length=args.length, exclusive=args.exclusive, progress=bar.update,
+        )
+    _summary(args, "uploaded", done, start)
+    return EXIT_OK
+
+
+async def cmd_download(client: Client, args: argparse.Namespace) -> int:
+    from . import transfer
+
+    start = time.perf_counter()
+    with ProgressBar(
+        _show_progress(args) and args.local != "-", f"download {args.remote}", None
+    ) as bar:
+        done = await transfer.download(
+            client, args.remote, args.local, sparse=args.sparse, offset=args.offset,
+            length=args.length, progress=bar.update, on_size=bar.total,
+        )
+    if args.local != "-":
+        _summary(args, "downloaded", done, start)
+    return EXIT_OK
+
+
+def _summary(args: argparse.Namespace, verb: str, done: int, start: float) -> None:
+    if args.quiet:
+        return
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    print(f"{verb} {_size(done)} in {elapsed:.2f} s ({done / elapsed / 1e6:.1f} MB/s)",
+          file=sys.stderr)
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="virnet", description="Client for virnetd.")
     p.add_argument("-c", "--connect", metavar="URI", default=None,
@@ -132,6 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path")
     sp.add_argument("--algorithm", default="sha256")
     sp.set_defaults(func=cmd_checksum)
+
+    for name, helptext in (("upload", "upload LOCAL (- for stdin) to REMOTE"),
+                           ("download", "download REMOTE into LOCAL (- for stdout)")):
+        sp = sub.add_parser(name, help=helptext)
+        if name == "upload":
+            sp.add_argument("local")
+            sp.add_argument("remote")
+            sp.add_argument("--exclusive", action="store_true",
+                            help="fail if REMOTE already exists")
+            sp.set_defaults(func=cmd_upload)
+        else:
+            sp.add_argument("remote")
+            sp.add_argument("local")
+            sp.set_defaults(func=cmd_download)
+        sp.add_argument("--sparse", action="store_true", help="send holes as holes")
+        sp.add_argument("--offset", type=_nonnegative, default=0)
+        sp.add_argument("--length", type=_nonnegative, default=0)
+        sp.add_argument("--progress", dest="progress", action="store_true", default=None,
+                        help="always show a progress bar on stderr")
+        sp.add_argument("--no-progress", dest="progress", action="store_false")
 
     sp = sub.add_parser("demo", help="start an embedded daemon and tour virnet")
     sp.add_argument("--size", default="256M", help="bytes to push through the wire core")

@@ -391,7 +391,7 @@ class Server:
             host, port = sock.getsockname()[:2]
             address = Address("tcp", host=host, port=port)
         self._listeners.append((srv, address))
-        log.info("listening on %s", address)
+        log.debug("listening on %s", address)
         return address
 
     @property

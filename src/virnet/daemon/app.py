@@ -11,6 +11,7 @@ from ..server import Server
 from .config import DaemonConfig
 from .files import FilesService
 from .paths import Root
+from .transfer import TransferService
 
 log = logging.getLogger("virnet.daemon")
 
@@ -25,12 +26,15 @@ class Daemon:
             max_message=config.max_message,
             max_clients=config.max_clients,
             max_calls=config.max_calls,
+            max_streams=config.max_streams,
             keepalive_interval=config.keepalive_interval,
             keepalive_count=config.keepalive_count,
             window=config.window,
         )
         self.files = FilesService(self.root)
         self.files.register(self.server)
+        self.transfers = TransferService(self.root)
+        self.transfers.register(self.server)
 
     async def start(self) -> list[str]:
         uris = [str(await self.server.listen(uri)) for uri in self.config.listen]

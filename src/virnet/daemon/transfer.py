@@ -1,0 +1,216 @@
+"""FILES UPLOAD and DOWNLOAD (SPEC section 3).
+
+UPLOAD with offset 0 and length 0 replaces the whole file atomically: data goes to a
+temporary file beside the target, which is renamed over it only after the client's
+finish; abort, error or disconnect removes the temporary file and the old file stays
+as it was.  Any other offset/length writes in place into an existing file, and a
+non-zero length must be met exactly (more is a stream error as soon as it arrives, less
+fails the finish).  SPARSE re-creates holes by seeking; EXCLUSIVE fails if the path
+exists (checked before the stream opens, and again at commit time without a race).
+
+DOWNLOAD replies with the number of bytes the stream will cover and sends them; with
+SPARSE, holes found by SEEK_DATA/SEEK_HOLE travel as STREAM_HOLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import tempfile
+
+from .._fileio import IO_BATCH, BatchWriter, read_blocks, segments
+from ..errors import ErrorCode, ErrorDomain, RPCError
+from ..server import CallContext, Server
+from ..services import files as f
+from ..stream import Hole
+from .paths import Root, path_error, system_error
+
+_KNOWN_FLAGS = int(f.TransferFlags.SPARSE | f.TransferFlags.EXCLUSIVE)
+
+
+def _arg_error(message: str) -> RPCError:
+    return RPCError(message, code=ErrorCode.INVALID_ARG, domain=ErrorDomain.STORAGE)
+
+
+class TransferService:
+    def __init__(self, root: Root) -> None:
+        self.root = root
+
+    def register(self, server: Server) -> None:
+        server.register(f.UPLOAD, self.upload)
+        server.register(f.DOWNLOAD, self.download, readonly=True)
+
+    # ------------------------------------------------------------------ upload
+    async def upload(self, ctx: CallContext, args: f.TransferArgs) -> None:
+        if args.flags & ~_KNOWN_FLAGS:
+            raise _arg_error(f"unsupported flags {args.flags & ~_KNOWN_FLAGS:#x}")
+        sparse = bool(args.flags & f.TransferFlags.SPARSE)
+        exclusive = bool(args.flags & f.TransferFlags.EXCLUSIVE)
+        if args.offset == 0 and args.length == 0:
+            await self._replace(ctx, args.path, sparse, exclusive)
+        else:
+            if exclusive:
+                raise _arg_error("EXCLUSIVE applies to whole-file uploads only")
+            await self._in_place(ctx, args, sparse)
+
+    async def _replace(self, ctx: CallContext, wire_path: str, sparse: bool, excl: bool) -> None:
+        path = self.root.resolve(wire_path, follow_last=False)
+        if path == self.root.path:
+            raise path_error("cannot upload over the data root")
+        parent, name = os.path.split(path)
+        try:
+            old = os.stat(path) if os.path.lexists(path) else None
+        except OSError as exc:
+            raise system_error(exc, f"stat {wire_path!r}") from None
+        if old is not None:
+            if excl:
+                raise RPCError(
+                    f"{wire_path!r} already exists",
+                    code=ErrorCode.OPERATION_INVALID,
+                    domain=ErrorDomain.STORAGE,
+                    int1=17,
+                )
+            if stat.S_ISDIR(old.st_mode):
+                raise _arg_error(f"{wire_path!r} is a directory")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".virnet-part", dir=parent)
+        except OSError as exc:
+            raise system_error(exc, f"create a temporary file for {wire_path!r}") from None
+        committed = False
+        try:
+            os.fchmod(fd, stat.S_IMODE(old.st_mode) if old is not None else 0o644)
+            stream = ctx.accept_stream(sparse=sparse)
+            writer = BatchWriter(fd)
+            async for item in stream:
+                if isinstance(item, Hole):
+                    await writer.skip(item.length)
+                else:
+                    await writer.write(item)
+            await writer.flush()
+            size = writer.pos
+            await asyncio.to_thread(_finish_file, fd, size)
+            if excl:
+                # link() refuses to replace: no window where another upload is overwritten
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise RPCError(
+                        f"{wire_path!r} already exists",
+                        code=ErrorCode.OPERATION_INVALID,
+                        domain=ErrorDomain.STORAGE,
+                        int1=17,
+                    ) from None
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+            committed = True
+        except OSError as exc:
+            raise system_error(exc, f"write {wire_path!r}") from None
+        finally:
+            os.close(fd)
+            if not committed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    async def _in_place(self, ctx: CallContext, args: f.TransferArgs, sparse: bool) -> None:
+        path = self.root.resolve(args.path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise system_error(exc, f"open {args.path!r} for writing") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _arg_error(f"{args.path!r} is not a regular file")
+            stream = ctx.accept_stream(sparse=sparse)
+            writer = BatchWriter(fd, args.offset)
+            want = args.length
+            got = 0
+            async for item in stream:
+                n = item.length if isinstance(item, Hole) else len(item)
+                got += n
+                if want and got > want:
+                    raise RPCError(
+                        f"stream carries more than the {want} bytes announced",
+                        code=ErrorCode.INVALID_ARG,
+                        domain=ErrorDomain.STREAMS,
+                    )
+                if isinstance(item, Hole):
+                    await writer.flush()
+                    await asyncio.to_thread(_punch_hole, fd, writer.pos, n)
+                    await writer.skip(n)
+                else:
+                    await writer.write(item)
+            await writer.flush()
+            if want and got < want:
+                raise RPCError(
+                    f"stream ended after {got} of the {want} bytes announced",
+                    code=ErrorCode.INVALID_ARG,
+                    domain=ErrorDomain.STREAMS,
+                )
+            await asyncio.to_thread(os.fsync, fd)
+        except OSError as exc:
+            raise system_error(exc, f"write {args.path!r}") from None
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ download
+    async def download(self, ctx: CallContext, args: f.TransferArgs) -> None:
+        if args.flags & ~int(f.TransferFlags.SPARSE):
+            raise _arg_error(f"unsupported flags {args.flags:#x} for download")
+        sparse = bool(args.flags & f.TransferFlags.SPARSE)
+        path = self.root.resolve(args.path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise system_error(exc, f"open {args.path!r}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _arg_error(f"{args.path!r} is not a regular file")
+            if args.offset > st.st_size:
+                raise _arg_error(f"offset {args.offset} is beyond the end ({st.st_size} bytes)")
+            end = st.st_size if args.length == 0 else args.offset + args.length
+            if end > st.st_size:
+                raise _arg_error(
+                    f"{args.length} bytes from offset {args.offset} go beyond the end "
+                    f"({st.st_size} bytes)"
+                )
+            size = end - args.offset
+            stream = ctx.accept_stream(f.DownloadReply(size), sparse=sparse)
+            if sparse:
+                runs = await asyncio.to_thread(lambda: list(segments(fd, args.offset, end)))
+            else:
+                runs = [(True, args.offset, size)]
+            for is_data, start, length in runs:
+                if not is_data:
+                    await stream.send_hole(length)
+                    continue
+                async for block in read_blocks(fd, start, length):
+                    await stream.send(block)
+        except OSError as exc:
+            raise system_error(exc, f"read {args.path!r}") from None
+        finally:
+            os.close(fd)
+
+
+def _finish_file(fd: int, size: int) -> None:
+    # A trailing hole only exists once the file is extended to its full size.
+    if os.fstat(fd).st_size != size:
+        os.ftruncate(fd, size)
+    os.fsync(fd)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """In-place sparse writes: make the range that overlaps the existing file read as
+    zeros (the standard library has no hole punching, so zeros are written).  Past the
+    end nothing is needed: the gap reads as zeros once the file is extended."""
+    size = os.fstat(fd).st_size
+    n = min(length, size - offset)
+    zeros = bytes(min(max(n, 0), IO_BATCH))
+    while n > 0:
+        k = min(n, len(zeros))
+        os.pwrite(fd, zeros[:k], offset)
+        offset += k
+        n -= k
