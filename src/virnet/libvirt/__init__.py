@@ -16,6 +16,7 @@ from types import TracebackType
 
 from ..client import Client
 from ..client import connect as _connect
+from ..stream import Stream
 from . import protocol as rp
 from .protocol import Domain, StoragePool, StorageVol, VolInfoReply
 
@@ -56,6 +57,41 @@ class LibvirtConnection:
     async def volume_info(self, vol: StorageVol) -> VolInfoReply:
         info: VolInfoReply = await self.client.call(rp.STORAGE_VOL_GET_INFO, rp.VolArgs(vol))
         return info
+
+    async def upload_volume(
+        self, vol: StorageVol, offset: int = 0, length: int = 0, *, sparse: bool = False
+    ) -> Stream:
+        """STORAGE_VOL_UPLOAD: returns the stream to ``send`` into (``send_hole`` too when
+        ``sparse``), then ``finish``.  ``length`` 0 means up to the end of the volume."""
+        flags = rp.VOL_UPLOAD_SPARSE_STREAM if sparse else 0
+        return await self.client.open_stream(
+            rp.STORAGE_VOL_UPLOAD, rp.VolTransferArgs(vol, offset, length, flags), sparse=sparse
+        )
+
+    async def download_volume(
+        self, vol: StorageVol, offset: int = 0, length: int = 0, *, sparse: bool = False
+    ) -> Stream:
+        """STORAGE_VOL_DOWNLOAD: returns the stream to read until EOF, then ``finish``.
+        With ``sparse`` the daemon sends holes, seen as ``Hole`` items."""
+        flags = rp.VOL_DOWNLOAD_SPARSE_STREAM if sparse else 0
+        return await self.client.open_stream(
+            rp.STORAGE_VOL_DOWNLOAD, rp.VolTransferArgs(vol, offset, length, flags),
+            sparse=sparse,
+        )
+
+    async def screenshot(self, dom: Domain, screen: int = 0) -> tuple[str | None, bytes]:
+        """DOMAIN_SCREENSHOT: returns (MIME type, image bytes)."""
+        stream = await self.client.open_stream(
+            rp.DOMAIN_SCREENSHOT, rp.ScreenshotArgs(dom, screen, 0)
+        )
+        data = bytearray()
+        try:
+            await stream.recv_all(data.extend)
+            await stream.finish()
+        except BaseException:
+            await stream.abort()
+            raise
+        return stream.reply.mime, bytes(data)
 
     async def enable_keepalive(self) -> bool:
         """Ask libvirtd whether it speaks keepalive (which also starts its own timer for
