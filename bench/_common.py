@@ -123,7 +123,35 @@ def machine_info() -> dict[str, Any]:
         except Exception:  # pragma: no cover - optional
             info[mod] = None
     info["git"] = _git_state()
+    info["sources"] = source_fingerprint()
     return info
+
+
+def source_fingerprint() -> str:
+    """A short hash of virnet's sources and built extension, to notice a run that
+    straddled a rebuild (the scripts compare it at the start and at the end)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pattern in ("src/virnet/**/*.py", "src/virnet/*.so", "pyx/**/*.pyx", "pyx/**/*.pxd"):
+        for path in sorted(root.glob(pattern)):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def check_sources_unchanged(info: dict[str, Any]) -> bool:
+    """Warn (on stderr) if virnet's sources changed since ``info`` was taken."""
+    now = source_fingerprint()
+    if now != info.get("sources"):
+        print(
+            f"WARNING: virnet's sources or extension changed during the run "
+            f"({info.get('sources')} -> {now}): the results mix two versions",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _git_state() -> str | None:

@@ -48,7 +48,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import virnet
-from _common import check_core, machine_info, print_table, run_pair, unix_addr
+from _common import (
+    check_core,
+    check_sources_unchanged,
+    machine_info,
+    print_table,
+    run_pair,
+    unix_addr,
+)
 from virnet import xdr
 
 INFLIGHT = 64
@@ -375,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     wall = time.perf_counter() - started
+    consistent = check_sources_unchanged(info)
 
     anchor = next((s for s in scenarios if s.anchor), None)
     results = []
@@ -411,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 "inflight": INFLIGHT,
                 "repeat": repeat,
                 "wall_s": wall,
+                "sources_unchanged": consistent,
                 "machine": info,
                 "samples": {s.name: s.samples for s in scenarios},
             },

@@ -50,7 +50,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import check_core, cpu_seconds, machine_info, print_table, run_pair, unix_addr
+from _common import (
+    check_core,
+    check_sources_unchanged,
+    cpu_seconds,
+    machine_info,
+    print_table,
+    run_pair,
+    unix_addr,
+)
 
 GiB = 1024**3
 MiB = 1024**2
@@ -399,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     wall = time.perf_counter() - started
+    consistent = check_sources_unchanged(info)
 
     anchor = next((s for s in scenarios if s.anchor), None)
     anchor_median = statistics.median(anchor.samples) if anchor else None
@@ -443,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bytes": nbytes,
                 "repeat": repeat,
                 "wall_s": wall,
+                "sources_unchanged": consistent,
                 "machine": info,
                 "samples": {s.name: s.samples for s in scenarios},
                 "cpu_s_per_GiB": {s.name: s.cpu for s in scenarios},

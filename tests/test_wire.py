@@ -236,3 +236,28 @@ def test_message_fields_signed(wire: ModuleType) -> None:
     packet = wire.pack_header(0xFFFFFFFF, 1, -1, 3, 0xFFFFFFFF, 1)
     (msg,) = wire.FrameDecoder().feed(packet)
     assert (msg.prog, msg.proc, msg.serial) == (0xFFFFFFFF, -1, 0xFFFFFFFF)
+
+
+def test_recycled_buffers_never_overwrite_live_payloads(wire: ModuleType) -> None:
+    """Large packets reuse buffers, but only ones no delivered payload still uses."""
+    dec = wire.FrameDecoder()
+    packets = [
+        wire.join(wire.encode_stream_data(1, 1, 4, 2, bytes([i]) * STREAM_CHUNK))
+        for i in range(40)
+    ]
+    kept = []
+    for i, packet in enumerate(packets):
+        (msg,) = dec.feed(packet)
+        if i % 3 == 0:
+            kept.append((i, msg.payload))  # held: its buffer must not be reused
+        del msg
+    for i, payload in kept:
+        assert bytes(payload) == bytes([i]) * STREAM_CHUNK
+    # a released payload's buffer is reused: the storage address repeats
+    addresses = set()
+    for packet in packets[:10]:
+        (msg,) = dec.feed(packet)
+        view = msg.payload
+        addresses.add(id(view.obj))
+        del msg, view
+    assert len(addresses) < 10

@@ -38,6 +38,8 @@ cdef class FrameDecoder:
     cdef Py_ssize_t _body_len
     cdef Py_ssize_t _body_pos
 
+    cdef list _pool                 # recycled packet-sized body buffers (see _pooled_body)
+
     cdef bint _peek                 # after a large packet: ask for one header only
     cdef object _failed             # None, or the reason of the ProtocolError
 

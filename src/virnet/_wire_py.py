@@ -24,6 +24,7 @@ reads); partial packets are moved to its front instead.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Final
 
@@ -51,6 +52,10 @@ _F32 = struct.Struct(">f")
 _F64 = struct.Struct(">d")
 
 SCRATCH_SIZE: Final = 256 * 1024
+#: Size of the recycled buffers for large packets: one full stream data packet.
+POOL_BUFFER: Final = MIN_PACKET + STREAM_CHUNK
+#: Recycled buffers kept per decoder (4 MiB).
+POOL_MAX: Final = 16
 #: Packets larger than this that are not already complete in the scratch buffer get their
 #: own buffer: copying them out of the scratch would cost more than the extra read.
 DIRECT_THRESHOLD: Final = 64 * 1024
@@ -137,6 +142,7 @@ class FrameDecoder:
         self._body: bytearray | None = None  # a large packet's own buffer
         self._body_view: memoryview | None = None
         self._body_pos = 0
+        self._pool: list[bytearray] = []
         self._peek = False
         self._failed: str | None = None
 
@@ -163,15 +169,16 @@ class FrameDecoder:
     def buffer_updated(self, nbytes: int) -> list[Message]:
         if self._failed is not None:
             raise ProtocolError(self._failed)
-        if self._body is not None:
-            free = len(self._body) - self._body_pos
+        body_view = self._body_view
+        if body_view is not None:
+            free = len(body_view) - self._body_pos
         else:
             free = len(self._scratch) - self._end
         if not 0 <= nbytes <= free:
             raise ValueError(f"nbytes must be in 0..{free}, got {nbytes}")
-        if self._body is not None:
+        if body_view is not None:
             self._body_pos += nbytes
-            if self._body_pos < len(self._body):
+            if self._body_pos < len(body_view):
                 return []
             return [self._finish_body()]
         self._end += nbytes
@@ -200,6 +207,27 @@ class FrameDecoder:
         self._scratch[0:size] = self._scratch[self._start : self._end]
         self._start = 0
         self._end = size
+
+    def _pooled_body(self, length: int) -> bytearray:
+        """A buffer for one large packet.  Packets up to POOL_BUFFER bytes (every stream
+        data packet) reuse buffers nobody references any more: a fresh 256 KiB
+        allocation costs dozens of page faults and lands in cold cache.  A pooled buffer
+        is free when the pool holds its only reference (delivered payload views keep
+        one while they live)."""
+        if length > POOL_BUFFER:
+            return bytearray(length)
+        pool = self._pool
+        # First free buffer from the front: the same one or two buffers cycle while the
+        # reader keeps up, so the kernel copies into cache-warm memory.
+        for candidate in pool:
+            # references: the pool's list, ``candidate``, and getrefcount's argument
+            if sys.getrefcount(candidate) == 3:
+                return candidate
+        n = len(pool)
+        body = bytearray(POOL_BUFFER)
+        if n < POOL_MAX:
+            pool.append(body)
+        return body
 
     def _finish_body(self) -> Message:
         body = self._body
@@ -238,10 +266,11 @@ class FrameDecoder:
                 continue
             if length > DIRECT_THRESHOLD or length > len(scratch):
                 # Give the packet its own buffer; the rest of it is read straight in.
-                body = bytearray(length)
+                body = self._pooled_body(length)
                 body[0:avail] = scratch[start:end]
                 self._body = body
-                self._body_view = memoryview(body)
+                view = memoryview(body)
+                self._body_view = view if len(body) == length else view[:length]
                 self._body_pos = avail
                 start = end
             else:

@@ -160,12 +160,14 @@ async def cmd_upload(client: Client, args: argparse.Namespace) -> int:
     if args.local != "-":
         total = args.length or max(0, os.path.getsize(args.local))
     start = time.perf_counter()
-    with ProgressBar(_show_progress(args), f"upload {args.remote}", total) as bar:
+    show = _show_progress(args)
+    with ProgressBar(show, f"upload {args.remote}", total) as bar:
         done = await transfer.upload(
             client, args.local, args.remote, sparse=args.sparse, offset=args.offset,
             length=args.length, exclusive=args.exclusive, progress=bar.update,
         )
-    _summary(args, "uploaded", done, start)
+    if show:
+        _summary(args, "uploaded", done, start)
     return EXIT_OK
 
 
@@ -173,19 +175,21 @@ async def cmd_download(client: Client, args: argparse.Namespace) -> int:
     from . import transfer
 
     start = time.perf_counter()
-    with ProgressBar(
-        _show_progress(args) and args.local != "-", f"download {args.remote}", None
-    ) as bar:
+    # To stdout, only an explicit --progress shows the bar (on stderr, like curl).
+    show = _show_progress(args) and (args.local != "-" or bool(args.progress))
+    with ProgressBar(show, f"download {args.remote}", None) as bar:
         done = await transfer.download(
             client, args.remote, args.local, sparse=args.sparse, offset=args.offset,
             length=args.length, progress=bar.update, on_size=bar.total,
         )
-    if args.local != "-":
+    if show:
         _summary(args, "downloaded", done, start)
     return EXIT_OK
 
 
 def _summary(args: argparse.Namespace, verb: str, done: int, start: float) -> None:
+    """One line after the progress bar; without a bar a successful transfer is silent
+    (scripts, pipes, --no-progress)."""
     if args.quiet:
         return
     elapsed = max(time.perf_counter() - start, 1e-9)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import struct
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
@@ -57,6 +58,7 @@ _CONTINUE: Final = int(MessageStatus.CONTINUE)
 #: Bytes a stream may have queued for sending before ``send()`` waits (bounded memory
 #: for copies of mutable data; views of immutable data cost nothing but count too).
 SEND_QUEUE_LIMIT: Final = 1024 * 1024
+_CREDIT = struct.Struct(">IIiII")  # protocol.Credit, packed directly on the hot path
 
 
 class StreamEvent(enum.IntFlag):
@@ -155,6 +157,7 @@ class Stream:
         self._rx_waiter: asyncio.Future[None] | None = None
         self._window = proto.window if self.native else proto.legacy_rx_limit
         self._consumed = 0  # consumed since the last CREDIT we granted
+        self._grant_step = max(1, min(self._window // 2, self._window - STREAM_CHUNK))
         self._over_limit = False
         # send side
         self._tx: deque[Any] = deque()  # (memoryview chunk) | (Hole) | _EOF | _FINISH
@@ -565,16 +568,15 @@ class Stream:
             self._proto.stream_over_limit(self, False)
         if self.native and not self.closed:
             self._consumed += n
-            if self._consumed >= self._window // 2 or self._consumed >= STREAM_CHUNK * 4:
+            # Grant in half-window steps (h2, yamux, SSH do the same): few CREDIT
+            # messages, and the sender never runs dry while one is in flight.
+            if self._consumed >= self._grant_step:
                 self._grant()
 
     def _grant(self) -> None:
         amount = self._consumed
         self._consumed = 0
-        payload = xdr.encode(
-            protocol.Credit,
-            protocol.Credit(self._prog, self._vers, self._proc, self.serial, amount),
-        )
+        payload = _CREDIT.pack(self._prog, self._vers, self._proc, self.serial, amount)
         self._proto.queue_urgent(
             encode_message(
                 CONTROL_PROGRAM, CONTROL_VERSION, CONTROL_CREDIT, _MESSAGE, 0, _OK, payload

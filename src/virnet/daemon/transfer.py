@@ -60,8 +60,12 @@ class TransferService:
         if path == self.root.path:
             raise path_error("cannot upload over the data root")
         parent, name = os.path.split(path)
+        # lstat: a symlink at the path is replaced itself, never followed (it may lead
+        # outside the root, or nowhere); the new file then gets the default mode.
         try:
-            old = os.stat(path) if os.path.lexists(path) else None
+            old = os.lstat(path)
+        except FileNotFoundError:
+            old = None
         except OSError as exc:
             raise system_error(exc, f"stat {wire_path!r}") from None
         if old is not None:
@@ -80,7 +84,8 @@ class TransferService:
             raise system_error(exc, f"create a temporary file for {wire_path!r}") from None
         committed = False
         try:
-            os.fchmod(fd, stat.S_IMODE(old.st_mode) if old is not None else 0o644)
+            regular = old is not None and stat.S_ISREG(old.st_mode)
+            os.fchmod(fd, stat.S_IMODE(old.st_mode) if old is not None and regular else 0o644)
             stream = ctx.accept_stream(sparse=sparse)
             writer = BatchWriter(fd)
             async for item in stream:
@@ -117,7 +122,9 @@ class TransferService:
     async def _in_place(self, ctx: CallContext, args: f.TransferArgs, sparse: bool) -> None:
         path = self.root.resolve(args.path)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not block the event loop (regular files
+            # ignore it); anything but a regular file is refused just below.
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise system_error(exc, f"open {args.path!r} for writing") from None
         try:
@@ -149,7 +156,7 @@ class TransferService:
                     code=ErrorCode.INVALID_ARG,
                     domain=ErrorDomain.STREAMS,
                 )
-            await asyncio.to_thread(os.fsync, fd)
+            await asyncio.to_thread(_extend_and_sync, fd, writer.pos)
         except OSError as exc:
             raise system_error(exc, f"write {args.path!r}") from None
         finally:
@@ -162,7 +169,7 @@ class TransferService:
         sparse = bool(args.flags & f.TransferFlags.SPARSE)
         path = self.root.resolve(args.path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # see _in_place
         except OSError as exc:
             raise system_error(exc, f"open {args.path!r}") from None
         try:
@@ -202,10 +209,18 @@ def _finish_file(fd: int, size: int) -> None:
     os.fsync(fd)
 
 
+def _extend_and_sync(fd: int, end: int) -> None:
+    # In place, a trailing hole past the old end extends the file (never shrinks it).
+    if os.fstat(fd).st_size < end:
+        os.ftruncate(fd, end)
+    os.fsync(fd)
+
+
 def _punch_hole(fd: int, offset: int, length: int) -> None:
     """In-place sparse writes: make the range that overlaps the existing file read as
     zeros (the standard library has no hole punching, so zeros are written).  Past the
-    end nothing is needed: the gap reads as zeros once the file is extended."""
+    end nothing is needed: the gap reads as zeros once the file is extended (by later
+    data, or by ``_extend_and_sync`` at the end)."""
     size = os.fstat(fd).st_size
     n = min(length, size - offset)
     zeros = bytes(min(max(n, 0), IO_BATCH))

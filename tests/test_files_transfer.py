@@ -1,0 +1,823 @@
+"""FILES UPLOAD and DOWNLOAD (SPEC section 3) against an in-process ``Daemon`` over a real
+Unix socket: whole-file atomic replace, in-place writes with exact lengths, EXCLUSIVE,
+downloads with offset/length, sparse transfers both ways, path confinement, read-only
+listeners, and the client helpers of ``virnet.transfer``.  Every transfer is checked byte
+for byte (sha256) together with what is left on disk: the old file, and no temporary
+files.  Both loops (root conftest), both cores (ci/test.sh / VIRNET_NO_EXTENSIONS)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+import virnet
+from _rpcutil import pattern, remove_tree, short_tmpdir, sock_uri
+from virnet import _impl, protocol, transfer, xdr
+from virnet.daemon.app import Daemon
+from virnet.daemon.config import DaemonConfig
+from virnet.errors import ErrorCode, RPCError, StreamError
+from virnet.services import files as f
+from virnet.stream import Hole, StreamState
+
+MiB = 1024 * 1024
+SPARSE = int(f.TransferFlags.SPARSE)
+EXCLUSIVE = int(f.TransferFlags.EXCLUSIVE)
+
+
+class Env:
+    def __init__(self, daemon: Daemon, tmp: str, uri: str, ro_uri: str) -> None:
+        self.daemon = daemon
+        self.tmp = tmp
+        self.root = daemon.root.path
+        self.outside = os.path.join(tmp, "outside")  # beside the root, never served
+        self.local = os.path.join(tmp, "local")  # the client's side of the world
+        self.uri = uri
+        self.ro_uri = ro_uri
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    tmp = short_tmpdir()
+    os.mkdir(os.path.join(tmp, "outside"))
+    os.mkdir(os.path.join(tmp, "local"))
+    daemon = Daemon(
+        DaemonConfig(
+            listen=[sock_uri(tmp)],
+            listen_readonly=[sock_uri(tmp, "ro.sock")],
+            root=os.path.join(tmp, "root"),
+        )
+    )
+    uri, ro_uri = await daemon.start()
+    try:
+        yield Env(daemon, tmp, uri, ro_uri)
+    finally:
+        await daemon.stop()
+        remove_tree(tmp)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write(path: str, data: bytes, mode: int | None = None) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def upload_temps(directory: str) -> list[str]:
+    """The daemon's temporary files (``.NAME.*.virnet-part``) left in ``directory``."""
+    return sorted(n for n in os.listdir(directory) if n.endswith(".virnet-part"))
+
+
+def all_upload_temps(root: str) -> list[str]:
+    return [
+        os.path.join(d, n)
+        for d, _, names in os.walk(root)
+        for n in names
+        if n.endswith(".virnet-part")
+    ]
+
+
+def local_temps(directory: str) -> list[str]:
+    """The client's temporary download files (``.NAME.*.part``) left in ``directory``."""
+    return sorted(n for n in os.listdir(directory) if n.endswith(".part"))
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``check`` (the daemon cleans up asynchronously after a disconnect)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {check}")
+        await asyncio.sleep(0.01)
+
+
+async def upload(
+    c: virnet.Client,
+    path: str,
+    data: bytes,
+    *,
+    offset: int = 0,
+    length: int = 0,
+    flags: int = 0,
+) -> None:
+    st = await c.open_stream(
+        f.UPLOAD, f.TransferArgs(path, offset, length, flags), sparse=bool(flags & SPARSE)
+    )
+    assert st.reply is None
+    await st.send(data)
+    await st.finish()
+    assert st.state is StreamState.FINISHED
+
+
+async def download(
+    c: virnet.Client, path: str, *, offset: int = 0, length: int = 0
+) -> tuple[int, bytes]:
+    st = await c.open_stream(f.DOWNLOAD, f.TransferArgs(path, offset, length, 0))
+    buf = bytearray()
+    await st.recv_all(buf.extend)
+    await st.finish()
+    return st.reply.size, bytes(buf)
+
+
+async def assert_call_error(
+    c: virnet.Client, proc: virnet.Procedure, args: f.TransferArgs, *needles: str
+) -> RPCError:
+    """The call fails with a plain error reply: no stream is left on the client."""
+    with pytest.raises(RPCError) as info:
+        await c.open_stream(proc, args, sparse=bool(args.flags & SPARSE))
+    assert not isinstance(info.value, StreamError), info.value
+    for needle in needles:
+        assert needle.lower() in str(info.value).lower(), info.value
+    assert c.protocol.streams == {}
+    await assert_alive(c)
+    return info.value
+
+
+async def assert_alive(c: virnet.Client) -> None:
+    """The connection still serves calls."""
+    st = await c.call(f.STAT, f.PathArgs(""))
+    assert st.kind == f.Kind.DIRECTORY
+
+
+# ----------------------------------------------------------------------------- upload
+
+
+async def test_upload_creates_a_file(env: Env) -> None:
+    data = pattern(300_000, 1)
+    async with await virnet.connect(env.uri) as c:
+        await upload(c, "new.bin", data)
+    st = os.lstat(env.path("new.bin"))
+    assert stat.S_ISREG(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o644
+    assert file_sha(env.path("new.bin")) == sha(data)
+    assert upload_temps(env.root) == []
+
+
+async def test_reupload_replaces_atomically_and_keeps_the_mode(env: Env) -> None:
+    target = env.path("f.bin")
+    old = pattern(2 * MiB, 2)
+    write(target, old, mode=0o640)
+    old_inode = os.stat(target).st_ino
+    new = pattern(3 * MiB + 11, 3)
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(f.UPLOAD, f.TransferArgs("f.bin", 0, 0, 0))
+        # Mid-transfer, the data goes to a temporary file beside the target...
+        await st.send(new[: 2 * MiB])
+        await eventually(lambda: len(upload_temps(env.root)) == 1)
+        (temp,) = upload_temps(env.root)
+        assert temp.startswith(".f.bin.")
+        await eventually(lambda: os.path.getsize(env.path(temp)) >= MiB)
+        # ...and the old file is untouched until the finish.
+        assert file_sha(target) == sha(old)
+        assert os.stat(target).st_ino == old_inode
+        await st.send(new[2 * MiB :])
+        await st.finish()
+    assert file_sha(target) == sha(new)
+    after = os.stat(target)
+    assert after.st_ino != old_inode  # renamed over, not rewritten in place
+    assert stat.S_IMODE(after.st_mode) == 0o640
+    assert upload_temps(env.root) == []
+
+
+async def test_multi_mib_upload_round_trip(env: Env) -> None:
+    data = os.urandom(9 * MiB + 123)
+    async with await virnet.connect(env.uri) as c:
+        await upload(c, "big.bin", data)
+        assert file_sha(env.path("big.bin")) == sha(data)
+        size, back = await download(c, "big.bin")
+    assert size == len(data)
+    assert sha(back) == sha(data)
+    assert upload_temps(env.root) == []
+
+
+async def test_empty_upload(env: Env) -> None:
+    write(env.path("was-full"), b"x" * 5000)
+    async with await virnet.connect(env.uri) as c:
+        await upload(c, "empty", b"")
+        await upload(c, "was-full", b"")
+        assert await download(c, "empty") == (0, b"")
+    assert os.path.getsize(env.path("empty")) == 0
+    assert os.path.getsize(env.path("was-full")) == 0
+    assert upload_temps(env.root) == []
+
+
+async def test_upload_into_a_missing_directory_fails_cleanly(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        err = await assert_call_error(
+            c, f.UPLOAD, f.TransferArgs("no/such/dir/f", 0, 0, 0), "no such file"
+        )
+        assert err.code == ErrorCode.SYSTEM_ERROR
+        assert err.int1 == errno.ENOENT
+    assert not os.path.exists(env.path("no"))
+    assert all_upload_temps(env.root) == []
+
+
+async def test_upload_over_a_directory_or_the_root_is_refused(env: Env) -> None:
+    os.mkdir(env.path("dir"))
+    async with await virnet.connect(env.uri) as c:
+        await assert_call_error(c, f.UPLOAD, f.TransferArgs("dir", 0, 0, 0), "directory")
+        await assert_call_error(c, f.UPLOAD, f.TransferArgs("", 0, 0, 0), "root")
+        await assert_call_error(c, f.UPLOAD, f.TransferArgs(".", 0, 0, 0), "root")
+        await assert_call_error(c, f.UPLOAD, f.TransferArgs("x", 0, 0, 0x80), "flags")
+    assert os.path.isdir(env.path("dir"))
+    assert all_upload_temps(env.root) == []
+
+
+# ----------------------------------------------------------------------------- atomicity
+
+
+async def test_aborted_upload_leaves_the_old_file(env: Env) -> None:
+    target = env.path("keep.bin")
+    old = pattern(MiB, 4)
+    write(target, old, mode=0o600)
+    before = os.stat(target)
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(f.UPLOAD, f.TransferArgs("keep.bin", 0, 0, 0))
+        assert len(upload_temps(env.root)) == 1  # created before the reply
+        await st.send(pattern(3 * MiB, 5))
+        await st.abort("changed my mind")
+        assert st.state is StreamState.ABORTED
+        await eventually(lambda: upload_temps(env.root) == [])
+        await assert_alive(c)
+    assert file_sha(target) == sha(old)
+    after = os.stat(target)
+    assert (after.st_ino, after.st_mtime_ns, stat.S_IMODE(after.st_mode)) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        0o600,
+    )
+
+
+async def test_connection_killed_mid_upload_leaves_the_old_file(env: Env) -> None:
+    target = env.path("keep.bin")
+    old = pattern(MiB, 6)
+    write(target, old)
+    before = os.stat(target)
+    c = await virnet.connect(env.uri)
+    try:
+        st = await c.open_stream(f.UPLOAD, f.TransferArgs("keep.bin", 0, 0, 0))
+        await st.send(pattern(3 * MiB, 7))
+        (temp,) = upload_temps(env.root)
+        # let the daemon write some of it, then vanish without abort or finish
+        await eventually(lambda: os.path.getsize(env.path(temp)) > 0)
+        assert c.protocol.transport is not None
+        c.protocol.transport.abort()
+        await eventually(lambda: upload_temps(env.root) == [])
+    finally:
+        await c.close()
+    assert file_sha(target) == sha(old)
+    assert os.stat(target).st_ino == before.st_ino
+    assert os.stat(target).st_mtime_ns == before.st_mtime_ns
+    # and the daemon serves new clients
+    async with await virnet.connect(env.uri) as c2:
+        assert await download(c2, "keep.bin") == (len(old), old)
+
+
+async def test_daemon_stopping_mid_upload_leaves_the_old_file(env: Env) -> None:
+    target = env.path("keep.bin")
+    old = pattern(100_000, 8)
+    write(target, old)
+    c = await virnet.connect(env.uri)
+    try:
+        st = await c.open_stream(f.UPLOAD, f.TransferArgs("keep.bin", 0, 0, 0))
+        await st.send(pattern(2 * MiB, 9))
+        await env.daemon.stop()
+        with pytest.raises(StreamError):
+            await asyncio.wait_for(st.finish(), 10)
+    finally:
+        await c.close()
+    assert read(target) == old
+    assert upload_temps(env.root) == []
+
+
+async def test_exclusive_race_fails_the_finish_and_keeps_the_racer(env: Env) -> None:
+    """The target appears after the stream opened: the commit must not overwrite it."""
+    target = env.path("race.bin")
+    racer = b"the racer got there first\n" * 100
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(f.UPLOAD, f.TransferArgs("race.bin", 0, 0, EXCLUSIVE))
+        await st.send(pattern(2 * MiB, 10))
+        write(target, racer)
+        with pytest.raises(StreamError, match="already exists") as info:
+            await st.finish()
+        assert info.value.int1 == errno.EEXIST
+        assert st.state is StreamState.FAILED
+        await eventually(lambda: upload_temps(env.root) == [])
+        await assert_alive(c)
+    assert read(target) == racer
+
+
+async def test_hole_on_a_non_sparse_upload_is_a_stream_error(env: Env) -> None:
+    target = env.path("keep.bin")
+    old = pattern(50_000, 11)
+    write(target, old)
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(f.UPLOAD, f.TransferArgs("keep.bin", 0, 0, 0))
+        await st.send(b"some data first")
+        with pytest.raises(StreamError, match="sparse"):
+            await st.send_hole(4096)
+        # force one onto the wire: the daemon fails the stream, not the connection
+        payload = xdr.encode(protocol.StreamHole, protocol.StreamHole(4096, 0))
+        c.protocol.queue_urgent(_impl.encode_message(*st.key[:3], 6, st.serial, 2, payload))
+        with pytest.raises(StreamError, match="Unexpected stream hole"):
+            await st.finish()
+        await eventually(lambda: upload_temps(env.root) == [])
+        await assert_alive(c)
+    assert read(target) == old
+
+
+# ----------------------------------------------------------------------------- EXCLUSIVE
+
+
+async def test_exclusive_refuses_an_existing_path_before_the_stream(env: Env) -> None:
+    write(env.path("there"), b"old")
+    os.symlink("nowhere", env.path("dangling"))
+    async with await virnet.connect(env.uri) as c:
+        for name in ("there", "dangling"):
+            err = await assert_call_error(
+                c, f.UPLOAD, f.TransferArgs(name, 0, 0, EXCLUSIVE), "exists"
+            )
+            assert err.int1 == errno.EEXIST
+        # EXCLUSIVE is for whole-file uploads only
+        await assert_call_error(c, f.UPLOAD, f.TransferArgs("there", 1, 0, EXCLUSIVE))
+    assert read(env.path("there")) == b"old"
+    assert os.readlink(env.path("dangling")) == "nowhere"
+    assert upload_temps(env.root) == []
+
+
+async def test_exclusive_creates_a_missing_path(env: Env) -> None:
+    data = pattern(1_500_000, 12)
+    async with await virnet.connect(env.uri) as c:
+        await upload(c, "fresh.bin", data, flags=EXCLUSIVE)
+        # and a second exclusive upload of the same path is refused
+        await assert_call_error(
+            c, f.UPLOAD, f.TransferArgs("fresh.bin", 0, 0, EXCLUSIVE), "exists"
+        )
+    assert file_sha(env.path("fresh.bin")) == sha(data)
+    assert stat.S_IMODE(os.stat(env.path("fresh.bin")).st_mode) == 0o644
+    assert upload_temps(env.root) == []
+
+
+# ----------------------------------------------------------------------------- in place
+
+
+async def test_in_place_write_at_an_offset(env: Env) -> None:
+    target = env.path("disk.img")
+    old = pattern(MiB, 13)
+    write(target, old, mode=0o600)
+    inode = os.stat(target).st_ino
+    patch = pattern(50_000, 14)
+    async with await virnet.connect(env.uri) as c:
+        await upload(c, "disk.img", patch, offset=300_000)
+    expected = old[:300_000] + patch + old[350_000:]
+    assert file_sha(target) == sha(expected)
+    st = os.stat(target)
+    assert st.st_ino == inode  # written in place, not replaced
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert upload_temps(env.root) == []
+
+
+async def test_in_place_write_past_the_end_extends(env: Env) -> None:
+    target = env.path("grow")
+    write(target, b"A" * 1000)
+    async with await virnet.connect(env.uri) as c:
+        await upload(c, "grow", b"B" * 500, offset=800)
+        await upload(c, "grow", b"C" * 10, offset=2000)
+    assert read(target) == b"A" * 800 + b"B" * 500 + bytes(700) + b"C" * 10
+
+
+async def test_in_place_on_a_missing_file_fails(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        for offset, length in ((100, 0), (0, 100), (100, 100)):
+            err = await assert_call_error(
+                c, f.UPLOAD, f.TransferArgs("missing", offset, length, 0), "no such file"
+            )
+            assert err.int1 == errno.ENOENT
+    assert not os.path.lexists(env.path("missing"))
+
+
+async def test_in_place_length_met_exactly(env: Env) -> None:
+    target = env.path("disk.img")
+    old = pattern(200_000, 15)
+    write(target, old)
+    patch = pattern(70_000, 16)
+    async with await virnet.connect(env.uri) as c:
+        # offset 0 with a length is in place too (only 0/0 replaces the file)
+        await upload(c, "disk.img", patch, offset=0, length=len(patch))
+        await upload(c, "disk.img", patch[:1000], offset=199_000, length=1000)
+    assert read(target) == patch + old[70_000:199_000] + patch[:1000]
+
+
+async def test_in_place_more_than_length_is_a_stream_error(env: Env) -> None:
+    target = env.path("disk.img")
+    write(target, bytes(10_000))
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(f.UPLOAD, f.TransferArgs("disk.img", 100, 1000, 0))
+        await st.send(b"x" * 1000)
+        await st.send(b"one too many")
+        with pytest.raises(StreamError, match="1000 bytes") as info:
+            await st.finish()
+        assert "1000" in str(info.value)
+        assert st.state is StreamState.FAILED
+        await assert_alive(c)
+        # the connection is fine for more transfers too
+        await upload(c, "disk.img", b"y" * 10, offset=0, length=10)
+        assert (await download(c, "disk.img", length=10)) == (10, b"y" * 10)
+    assert os.path.getsize(target) == 10_000  # nothing past the announced range
+    assert read(target)[1100:] == bytes(8900)
+
+
+async def test_in_place_less_than_length_fails_the_finish(env: Env) -> None:
+    write(env.path("disk.img"), bytes(10_000))
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(f.UPLOAD, f.TransferArgs("disk.img", 0, 1000, 0))
+        await st.send(b"x" * 600)
+        with pytest.raises(StreamError, match="600") as info:
+            await st.finish()
+        assert "1000" in str(info.value)
+        await assert_alive(c)
+
+
+async def test_in_place_on_a_fifo_or_directory_is_refused(env: Env) -> None:
+    """Opening a FIFO for writing must neither block the daemon nor succeed."""
+    os.mkfifo(env.path("pipe"))
+    os.mkdir(env.path("dir"))
+    async with await virnet.connect(env.uri) as c:
+        for name in ("pipe", "dir"):
+            await asyncio.wait_for(
+                assert_call_error(c, f.UPLOAD, f.TransferArgs(name, 1, 0, 0)), 10
+            )
+
+
+# ----------------------------------------------------------------------------- download
+
+
+async def test_download_whole_offset_and_length(env: Env) -> None:
+    data = pattern(3 * MiB + 7, 17)
+    write(env.path("d.bin"), data)
+    n = len(data)
+    async with await virnet.connect(env.uri) as c:
+        assert await download(c, "d.bin") == (n, data)
+        size, got = await download(c, "d.bin", offset=1_000_001)
+        assert (size, sha(got)) == (n - 1_000_001, sha(data[1_000_001:]))
+        size, got = await download(c, "d.bin", offset=123, length=2 * MiB)
+        assert (size, sha(got)) == (2 * MiB, sha(data[123 : 123 + 2 * MiB]))
+        assert await download(c, "d.bin", length=n) == (n, data)
+        assert await download(c, "d.bin", offset=n - 1, length=1) == (1, data[-1:])
+        assert await download(c, "d.bin", offset=n) == (0, b"")  # at the end: nothing
+    assert read(env.path("d.bin")) == data
+
+
+async def test_download_out_of_range_is_an_error_reply(env: Env) -> None:
+    write(env.path("d.bin"), b"0123456789")
+    async with await virnet.connect(env.uri) as c:
+        await assert_call_error(c, f.DOWNLOAD, f.TransferArgs("d.bin", 11, 0, 0), "beyond")
+        await assert_call_error(c, f.DOWNLOAD, f.TransferArgs("d.bin", 0, 11, 0), "beyond")
+        await assert_call_error(c, f.DOWNLOAD, f.TransferArgs("d.bin", 5, 6, 0), "beyond")
+        await assert_call_error(c, f.DOWNLOAD, f.TransferArgs("d.bin", 1 << 62, 1, 0), "beyond")
+        await assert_call_error(
+            c, f.DOWNLOAD, f.TransferArgs("d.bin", 0, 0, EXCLUSIVE), "flags"
+        )
+        assert await download(c, "d.bin", offset=5, length=5) == (5, b"56789")
+
+
+async def test_download_of_a_directory_missing_file_or_fifo_is_refused(env: Env) -> None:
+    os.mkdir(env.path("dir"))
+    os.mkfifo(env.path("pipe"))
+    async with await virnet.connect(env.uri) as c:
+        await assert_call_error(c, f.DOWNLOAD, f.TransferArgs("dir", 0, 0, 0), "regular file")
+        err = await assert_call_error(
+            c, f.DOWNLOAD, f.TransferArgs("missing", 0, 0, 0), "no such file"
+        )
+        assert err.code == ErrorCode.SYSTEM_ERROR and err.int1 == errno.ENOENT
+        # a FIFO with no writer must not block the daemon's event loop
+        await asyncio.wait_for(
+            assert_call_error(c, f.DOWNLOAD, f.TransferArgs("pipe", 0, 0, 0), "regular file"),
+            10,
+        )
+
+
+async def test_transfer_download_to_a_local_path(env: Env) -> None:
+    data = pattern(2 * MiB + 5, 18)
+    write(env.path("r.bin"), data)
+    local = os.path.join(env.local, "copy.bin")
+    seen: list[int] = []
+    sizes: list[int] = []
+    async with await virnet.connect(env.uri) as c:
+        done = await transfer.download(
+            c, "r.bin", local, progress=seen.append, on_size=sizes.append
+        )
+        assert done == len(data)
+        assert sizes == [len(data)]
+        assert seen and seen[-1] == len(data)
+        assert file_sha(local) == sha(data)
+        # an existing local file is replaced (renamed over) and keeps its mode
+        os.chmod(local, 0o600)
+        inode = os.stat(local).st_ino
+        await transfer.download(c, "r.bin", local, offset=100, length=1000)
+        assert read(local) == data[100:1100]
+        assert os.stat(local).st_ino != inode
+        assert stat.S_IMODE(os.stat(local).st_mode) == 0o600
+        # a directory as LOCAL: the remote name inside it
+        await transfer.download(c, "r.bin", env.local)
+        assert file_sha(os.path.join(env.local, "r.bin")) == sha(data)
+    assert local_temps(env.local) == []
+
+
+async def test_failed_local_download_leaves_no_temp_and_the_old_file(env: Env) -> None:
+    local = os.path.join(env.local, "precious")
+    write(local, b"do not touch", mode=0o640)
+    before = os.stat(local)
+    async with await virnet.connect(env.uri) as c:
+        with pytest.raises(RPCError, match="(?i)no such file"):
+            await transfer.download(c, "missing", local)
+        with pytest.raises(RPCError, match="beyond"):
+            write(env.path("short"), b"abc")
+            await transfer.download(c, "short", local, offset=10)
+        with pytest.raises(RPCError, match="(?i)no such file"):
+            await transfer.download(c, "missing", os.path.join(env.local, "new"))
+    assert read(local) == b"do not touch"
+    after = os.stat(local)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(os.listdir(env.local)) == ["precious"]
+
+
+async def test_transfer_upload_from_a_local_path(env: Env) -> None:
+    data = pattern(3 * MiB + 1, 19)
+    local = os.path.join(env.local, "src.bin")
+    write(local, data)
+    seen: list[int] = []
+    async with await virnet.connect(env.uri) as c:
+        assert await transfer.upload(c, local, "up.bin", progress=seen.append) == len(data)
+        assert seen[-1] == len(data)
+        assert file_sha(env.path("up.bin")) == sha(data)
+        # in place: the first LENGTH bytes of the local file at the remote OFFSET
+        await transfer.upload(c, local, "up.bin", offset=10, length=20)
+        with pytest.raises(ValueError, match="larger than the file"):
+            await transfer.upload(c, local, "up.bin", length=len(data) + 1)
+        with pytest.raises(RPCError, match="exists"):
+            await transfer.upload(c, local, "up.bin", exclusive=True)
+        await assert_alive(c)
+    assert file_sha(env.path("up.bin")) == sha(data[:10] + data[:20] + data[30:])
+    assert upload_temps(env.root) == []
+
+
+# ----------------------------------------------------------------------------- sparse
+
+SPARSE_SIZE = 64 * MiB
+SPARSE_BLOCKS = {
+    1 * MiB: pattern(4096, 20),
+    17 * MiB + 100: pattern(10_000, 21),
+    40 * MiB: pattern(65536, 22),
+}
+
+
+def make_sparse(path: str, size: int = SPARSE_SIZE) -> bytes:
+    """A sparse file: leading hole, three data blocks, holes between, a trailing hole.
+    Returns its full contents."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        for offset, block in SPARSE_BLOCKS.items():
+            fh.seek(offset)
+            fh.write(block)
+    if os.stat(path).st_blocks * 512 >= 4 * MiB:
+        pytest.skip("the file system under /tmp does not keep files sparse")
+    expected = bytearray(size)
+    for offset, block in SPARSE_BLOCKS.items():
+        expected[offset : offset + len(block)] = block
+    return bytes(expected)
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+async def test_sparse_download_sends_holes(env: Env) -> None:
+    expected = make_sparse(env.path("sparse.img"))
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(
+            f.DOWNLOAD, f.TransferArgs("sparse.img", 0, 0, SPARSE), sparse=True
+        )
+        assert st.reply.size == SPARSE_SIZE
+        buf = bytearray()
+        holes: list[int] = []
+        data_bytes = 0
+        async for item in st:
+            if isinstance(item, Hole):
+                holes.append(item.length)
+                buf.extend(bytes(item.length))
+            else:
+                data_bytes += len(item)
+                buf.extend(item)
+        await st.finish()
+        # leading, two middle and trailing holes; only the data blocks travel as data
+        assert len(holes) == 4, holes
+        assert st.holes_received == 4
+        assert data_bytes < MiB
+        assert data_bytes + sum(holes) == SPARSE_SIZE
+        assert sha(bytes(buf)) == sha(expected)
+
+        # a range of it: hole, data, hole
+        st = await c.open_stream(
+            f.DOWNLOAD, f.TransferArgs("sparse.img", MiB // 2, MiB, SPARSE), sparse=True
+        )
+        items = [i if isinstance(i, Hole) else bytes(i) async for i in st]
+        await st.finish()
+        assert st.reply.size == MiB
+        assert isinstance(items[0], Hole) and isinstance(items[-1], Hole)
+        got = b"".join(bytes(i.length) if isinstance(i, Hole) else i for i in items)
+        assert got == expected[MiB // 2 : MiB // 2 + MiB]
+
+        # without SPARSE the same file arrives as plain data
+        size, plain = await download(c, "sparse.img")
+        assert size == SPARSE_SIZE and sha(plain) == sha(expected)
+
+
+async def test_sparse_download_to_a_local_file_stays_sparse(env: Env) -> None:
+    expected = make_sparse(env.path("sparse.img"))
+    local = os.path.join(env.local, "sparse.copy")
+    async with await virnet.connect(env.uri) as c:
+        done = await transfer.download(c, "sparse.img", local, sparse=True)
+    assert done == SPARSE_SIZE
+    assert os.path.getsize(local) == SPARSE_SIZE  # including the trailing hole
+    assert allocated(local) < 2 * MiB
+    assert file_sha(local) == sha(expected)
+    assert local_temps(env.local) == []
+
+
+async def test_sparse_upload_makes_a_sparse_remote_file(env: Env) -> None:
+    local = os.path.join(env.local, "sparse.img")
+    expected = make_sparse(local)
+    write(env.path("sparse.up"), b"old contents", mode=0o600)
+    async with await virnet.connect(env.uri) as c:
+        assert await transfer.upload(c, local, "sparse.up", sparse=True) == SPARSE_SIZE
+        await transfer.upload(c, local, "fresh.up", sparse=True)
+        st = await c.open_stream(
+            f.DOWNLOAD, f.TransferArgs("sparse.up", 0, 0, SPARSE), sparse=True
+        )
+        holes = [i for i in [i async for i in st] if isinstance(i, Hole)]
+        await st.finish()
+    for name in ("sparse.up", "fresh.up"):
+        remote = env.path(name)
+        assert os.path.getsize(remote) == SPARSE_SIZE  # the trailing hole counts
+        assert allocated(remote) < 2 * MiB
+        assert file_sha(remote) == sha(expected)
+    assert stat.S_IMODE(os.stat(env.path("sparse.up")).st_mode) == 0o600
+    assert len(holes) == 4
+    assert upload_temps(env.root) == []
+
+
+async def test_sparse_in_place_upload_zeroes_holes_and_extends(env: Env) -> None:
+    """In place, a hole over existing data reads as zeros afterwards, and a trailing
+    hole past the current end still extends the file to its full size."""
+    target = env.path("disk.img")
+    old = pattern(100_000, 23)
+    write(target, old)
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(
+            f.UPLOAD, f.TransferArgs("disk.img", 1000, 0, SPARSE), sparse=True
+        )
+        await st.send(b"D" * 500)
+        await st.send_hole(10_000)
+        await st.send(b"E" * 500)
+        await st.send_hole(2 * MiB)  # far past the end of the file
+        await st.finish()
+        assert st.holes_sent == 2
+    end = 1000 + 500 + 10_000 + 500 + 2 * MiB
+    assert os.path.getsize(target) == end
+    expected = old[:1000] + b"D" * 500 + bytes(10_000) + b"E" * 500
+    expected += bytes(end - len(expected))
+    assert sha(read(target)) == sha(expected)
+
+    # the same with an announced length that the holes make up exactly
+    write(target, old)
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(
+            f.UPLOAD, f.TransferArgs("disk.img", 0, 300_000, SPARSE), sparse=True
+        )
+        await st.send(b"F" * 100)
+        await st.send_hole(299_900)
+        await st.finish()
+    assert read(target) == b"F" * 100 + bytes(299_900)
+
+
+# ----------------------------------------------------------------------------- confinement
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a/../../x", "a/b/../../../x", "a\0b"])
+async def test_escaping_paths_are_refused(env: Env, path: str) -> None:
+    async with await virnet.connect(env.uri) as c:
+        for offset in (0, 5):
+            err = await assert_call_error(c, f.UPLOAD, f.TransferArgs(path, offset, 0, 0))
+            assert err.code == ErrorCode.INVALID_ARG
+        err = await assert_call_error(c, f.DOWNLOAD, f.TransferArgs(path, 0, 0, 0))
+        assert err.code == ErrorCode.INVALID_ARG
+    assert not os.path.exists(os.path.join(env.tmp, "x"))
+    assert all_upload_temps(env.tmp) == []
+
+
+async def test_symlinks_leading_outside_are_refused(env: Env) -> None:
+    secret = os.path.join(env.outside, "secret")
+    write(secret, b"secret")
+    os.symlink(env.outside, env.path("outdir"))
+    async with await virnet.connect(env.uri) as c:
+        for args in (
+            f.TransferArgs("outdir/secret", 0, 0, 0),
+            f.TransferArgs("outdir/new", 0, 0, 0),
+            f.TransferArgs("outdir/secret", 2, 0, 0),
+            f.TransferArgs("outdir/secret", 0, 3, 0),
+        ):
+            await assert_call_error(c, f.UPLOAD, args, "outside the data root")
+        await assert_call_error(
+            c, f.DOWNLOAD, f.TransferArgs("outdir/secret", 0, 0, 0), "outside the data root"
+        )
+    assert read(secret) == b"secret"
+    assert sorted(os.listdir(env.outside)) == ["secret"]
+
+
+async def test_upload_over_a_symlink_replaces_the_link(env: Env) -> None:
+    secret = os.path.join(env.outside, "secret")
+    write(secret, b"secret", mode=0o600)
+    os.symlink(secret, env.path("outfile"))
+    os.symlink(env.outside, env.path("outdir"))
+    os.symlink(os.path.join(env.outside, "nothing"), env.path("dangling"))
+    async with await virnet.connect(env.uri) as c:
+        # reading or writing through the link is refused...
+        await assert_call_error(
+            c, f.DOWNLOAD, f.TransferArgs("outfile", 0, 0, 0), "outside the data root"
+        )
+        await assert_call_error(
+            c, f.UPLOAD, f.TransferArgs("outfile", 1, 0, 0), "outside the data root"
+        )
+        # ...a whole-file upload replaces the link itself
+        for name in ("outfile", "outdir", "dangling"):
+            await upload(c, name, name.encode() * 1000)
+    for name in ("outfile", "outdir", "dangling"):
+        st = os.lstat(env.path(name))
+        assert stat.S_ISREG(st.st_mode), name
+        assert stat.S_IMODE(st.st_mode) == 0o644, name  # not the mode of the link's target
+        assert read(env.path(name)) == name.encode() * 1000
+    assert read(secret) == b"secret"
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert sorted(os.listdir(env.outside)) == ["secret"]
+    assert upload_temps(env.root) == []
+
+
+async def test_symlink_inside_the_root_is_followed(env: Env) -> None:
+    data = pattern(5000, 24)
+    write(env.path("real"), data)
+    os.symlink("real", env.path("alias"))
+    async with await virnet.connect(env.uri) as c:
+        assert await download(c, "alias") == (len(data), data)
+        await upload(c, "alias", b"ZZ", offset=10)  # in place: through the link
+    assert read(env.path("real")) == data[:10] + b"ZZ" + data[12:]
+    assert os.path.islink(env.path("alias"))
+
+
+# ----------------------------------------------------------------------------- read only
+
+
+async def test_readonly_listener_downloads_but_never_uploads(env: Env) -> None:
+    data = pattern(400_000, 25)
+    write(env.path("ro.bin"), data)
+    async with await virnet.connect(env.ro_uri) as c:
+        assert await download(c, "ro.bin") == (len(data), data)
+        for args in (
+            f.TransferArgs("ro.bin", 0, 0, 0),
+            f.TransferArgs("new.bin", 0, 0, 0),
+            f.TransferArgs("ro.bin", 10, 0, 0),
+        ):
+            err = await assert_call_error(c, f.UPLOAD, args, "read only")
+            assert err.code == ErrorCode.OPERATION_DENIED
+    assert read(env.path("ro.bin")) == data
+    assert not os.path.exists(env.path("new.bin"))
+    assert upload_temps(env.root) == []
