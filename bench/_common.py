@@ -124,19 +124,26 @@ def machine_info() -> dict[str, Any]:
             info[mod] = None
     info["git"] = _git_state()
     info["sources"] = source_fingerprint()
+    import virnet
+
+    info["virnet_path"] = str(Path(virnet.__file__).resolve().parent)
     return info
 
 
 def source_fingerprint() -> str:
-    """A short hash of virnet's sources and built extension, to notice a run that
-    straddled a rebuild (the scripts compare it at the start and at the end)."""
+    """A short hash of the virnet package the children import (its ``.py`` files and
+    built extension), to notice a run that straddled a rebuild: the scripts compare it
+    at the start and at the end.  To benchmark a frozen copy while the tree changes, copy
+    ``src/virnet`` somewhere and put that directory first on ``PYTHONPATH``."""
     import hashlib
 
-    root = Path(__file__).resolve().parent.parent
+    import virnet
+
+    pkg = Path(virnet.__file__).resolve().parent
     h = hashlib.sha256()
-    for pattern in ("src/virnet/**/*.py", "src/virnet/*.so", "pyx/**/*.pyx", "pyx/**/*.pxd"):
-        for path in sorted(root.glob(pattern)):
-            h.update(str(path.relative_to(root)).encode())
+    for pattern in ("**/*.py", "*.so"):
+        for path in sorted(pkg.glob(pattern)):
+            h.update(str(path.relative_to(pkg)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
@@ -194,7 +201,7 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
         table.add_column(c, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*(str(r[c]) for c in columns))
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(150, Console().width)).print(table)
 
 
 def cpu_seconds() -> float:

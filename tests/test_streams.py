@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import logging
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -490,3 +490,38 @@ async def test_logs_quiet_on_normal_use(env: Env, caplog: pytest.LogCaptureFixtu
             await st.recv_all(lambda b: None)
             await st.finish()
     assert not [r for r in caplog.records if r.name.startswith("virnet")]
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _offer(total: int, block: bytes) -> Iterator[bytes]:
+    for _ in range(total // len(block)):
+        yield block  # the same object again and again: offering costs no memory
+
+
+@pytest.mark.parametrize("hello", [True, False], ids=["native", "legacy"])
+async def test_memory_bounded_with_stalled_reader(env: Env, hello: bool) -> None:
+    """4 GiB offered to a reader that stops: RSS grows < 64 MiB (native: credit stops the
+    sender; legacy: the server stops reading the socket, libvirt's only lever)."""
+    block = bytes(1024 * 1024)
+    async with await virnet.connect(env.uri, hello=hello) as c:
+        assert (c.mode is virnet.Mode.NATIVE) == hello  # without HELLO: libvirt's rules
+        st = await c.open_stream(SINK, StreamArgs(0, 40, MODE_STALL))
+        before = _rss()
+        sender = asyncio.ensure_future(st.send_all(_offer(4 * 1024**3, block)))
+        await asyncio.sleep(1.5)
+        assert not sender.done()  # blocked, not buffering without bound
+        grown = _rss() - before
+        assert grown < 64 * 1024 * 1024, grown
+        assert st.bytes_sent < 64 * 1024 * 1024
+        if hello:  # calls and other streams are unaffected in native mode
+            assert (await c.call(ECHO, EchoArgs("", 0, 1), timeout=5)).n == 2
+        sender.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sender

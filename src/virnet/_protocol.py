@@ -25,8 +25,8 @@ log = logging.getLogger("virnet")
 FLUSH_BUDGET = 4 * 262144
 #: Transport write-buffer high-water mark: large enough that the socket never idles
 #: between flushes, small enough to bound memory per connection.
-WRITE_HIGH_WATER = 4 * 1024 * 1024
-WRITE_LOW_WATER = 1 * 1024 * 1024
+WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = 256 * 1024
 
 
 class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):

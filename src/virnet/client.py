@@ -249,11 +249,22 @@ class Client:
         self._proto.start_keepalive()
 
     # ------------------------------------------------------------------ lifetime
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the connection: queued packets are flushed for up to ``timeout`` seconds
+        (a peer that stopped reading cannot hold us longer), then the socket is dropped.
+        Streams still open fail with "connection lost"."""
         proto = self._proto
+        if proto._write_paused:
+            timeout = min(timeout, 1.0)  # the peer is not reading: do not wait long
         if proto.transport is not None:
             proto.close_gracefully()
-        await proto.closed
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(proto.closed)
+        except TimeoutError:
+            if proto.transport is not None:
+                proto.transport.abort()
+            await proto.closed
 
     async def wait_closed(self) -> None:
         await self._proto.closed
