@@ -11,6 +11,7 @@ internal-error message.  A malformed packet closes only that connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -49,6 +50,8 @@ Handler = Callable[["CallContext", Any], Awaitable[Any]]
 DEFAULT_WINDOW = 4 * 1024 * 1024
 #: Seconds a stream handler may run on after its client vanished before it is cancelled.
 STREAM_TASK_GRACE = 10.0
+#: Idle worker tasks kept per connection for the next calls.
+IDLE_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,12 @@ class ServerConnection(RPCProtocol):
         )
         self.server = server
         self.readonly = readonly
-        self.tasks: set[asyncio.Task[None]] = set()
+        # Calls run on a pool of worker tasks (at most max_calls), reused from call to
+        # call: creating a task per call was a quarter of the server's time.
+        self.workers: set[asyncio.Task[None]] = set()
+        self.idle: list[asyncio.Future[None]] = []  # idle workers' wake-up futures
+        self.wakeups = 0  # workers woken that have not started running yet
+        self.active = 0  # calls being handled now
         self.waiting: deque[Message] = deque()
         self.state: dict[str, Any] = {}  # per-connection storage for services
         self.open_streams: set[Stream] = set()
@@ -155,7 +163,7 @@ class ServerConnection(RPCProtocol):
     def on_closed(self, exc: BaseException) -> None:
         self.server._forget(self)
         self.waiting.clear()
-        for task in list(self.tasks):
+        for task in list(self.workers):
             if task in self.stream_tasks:
                 # Its stream already failed with "connection lost": let the handler see
                 # that and clean up (remove a temporary file...) before cancelling it.
@@ -166,26 +174,59 @@ class ServerConnection(RPCProtocol):
 
     # ------------------------------------------------------------------ calls
     def on_call(self, msg: Message) -> None:
-        if len(self.tasks) < self.server.max_calls:
-            self._start(msg)
-            return
         self.waiting.append(msg)
+        self._ensure_worker()
         if len(self.waiting) >= self.server.max_queued_calls:
             # Even the queue is long: stop reading until it drains (bounded memory).
             self.hold_reading("call queue", True)
 
-    def _start(self, msg: Message) -> None:
-        task = self.loop.create_task(self._dispatch(msg))
-        self.tasks.add(task)
-        task.add_done_callback(self._call_done)
+    def _ensure_worker(self) -> None:
+        """Make sure some worker will look at the queue: one is already woken, or an idle
+        one is woken, or a new one starts (up to max_calls; beyond, calls wait)."""
+        if self.wakeups:
+            return
+        if self.idle:
+            self.wakeups += 1
+            self.idle.pop().set_result(None)
+        elif len(self.workers) < self.server.max_calls:
+            self.wakeups += 1
+            task = self.loop.create_task(self._worker())
+            self.workers.add(task)
+            task.add_done_callback(self.workers.discard)
 
-    def _call_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self.stream_tasks.discard(task)
-        while self.waiting and len(self.tasks) < self.server.max_calls:
-            self._start(self.waiting.popleft())
-        if len(self.waiting) < self.server.max_queued_calls // 2:
-            self.hold_reading("call queue", False)
+    async def _worker(self) -> None:
+        task = asyncio.current_task()
+        waiting = self.waiting
+        max_queued = self.server.max_queued_calls
+        while True:
+            self.wakeups -= 1
+            while waiting:
+                msg = waiting.popleft()
+                if self._read_pausers and len(waiting) < max_queued // 2:
+                    self.hold_reading("call queue", False)
+                if waiting:
+                    # Hand the rest of the queue on before this call may suspend, so a
+                    # slow handler delays no other call.
+                    self._ensure_worker()
+                self.active += 1
+                try:
+                    await self._dispatch(msg)
+                except Exception:  # pragma: no cover - _dispatch handles everything
+                    log.exception("internal error dispatching a call from %s", self.peer)
+                finally:
+                    self.active -= 1
+                    if task is not None:
+                        self.stream_tasks.discard(task)
+            if self.transport is None or len(self.idle) >= IDLE_WORKERS:
+                return
+            fut = self.loop.create_future()
+            self.idle.append(fut)
+            await fut
+
+    async def wait_idle(self) -> None:
+        """Until no call is running or waiting (graceful shutdown)."""
+        while self.active or self.waiting:
+            await asyncio.sleep(0.01)
 
     def reply_error(self, msg: Message, exc: RPCError) -> None:
         self.send_reply(
@@ -193,14 +234,6 @@ class ServerConnection(RPCProtocol):
         )
 
     async def _dispatch(self, msg: Message) -> None:
-        try:
-            await self._dispatch_inner(msg)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # pragma: no cover - _dispatch_inner handles everything
-            log.exception("internal error dispatching a call from %s", self.peer)
-
-    async def _dispatch_inner(self, msg: Message) -> None:
         if msg.status != _OK:
             self.reply_error(msg, _rpc_error(f"Unexpected message status {msg.status}"))
             return
@@ -429,9 +462,10 @@ class Server:
         for conn in conns:  # running streams end with an error, not silently
             for stream in list(conn.open_streams):
                 stream.server_fail(shutdown)
-        tasks = [t for c in conns for t in c.tasks]
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace)
+        if conns:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*(c.wait_idle() for c in conns))
         for conn in conns:
             conn.close_gracefully()
         closing = [c.closed for c in conns]
