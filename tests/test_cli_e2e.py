@@ -731,6 +731,360 @@ def test_client_vanishing_mid_packet_is_harmless(spawn: Callable[..., VirnetDaem
     assert "Traceback" not in d.stderr, d.stderr
 
 
+# ---------------------------------------------------------------------------- transfers
+
+MiB = 1024 * 1024
+
+
+def run_virnet_bytes(
+    *args: str, uri: str | None = None, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``virnet`` with binary stdin/stdout (``upload -`` / ``download ... -``)."""
+    cmd = [_executable("virnet")]
+    if uri is not None:
+        cmd += ["-c", uri]
+    cmd += list(args)
+    return subprocess.run(
+        cmd, input=stdin, capture_output=True, timeout=RUN_TIMEOUT, env=_env(), check=False
+    )
+
+
+def _describe_bytes(res: subprocess.CompletedProcess[bytes]) -> str:
+    return (
+        f"command {res.args!r} exited {res.returncode}\n"
+        f"--- stdout: {len(res.stdout)} bytes ---\n"
+        f"--- stderr ---\n{res.stderr.decode(errors='replace')}"
+    )
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _temps(*dirs: Path) -> list[str]:
+    """Temporary files of an upload (``.NAME.*.virnet-part``, the daemon's) or of a
+    download (``.NAME.*.part``, the client's) left anywhere under ``dirs``."""
+    return [
+        os.path.join(d, n)
+        for top in dirs
+        for d, _, names in os.walk(top)
+        for n in names
+        if n.endswith(".part")
+    ]
+
+
+_SPARSE_SIZE = 64 * MiB
+_SPARSE_BLOCKS = {MiB: b"a" * 4096, 17 * MiB + 100: os.urandom(10_000), 40 * MiB: b"z" * 65536}
+
+
+def _make_sparse(path: Path) -> str:
+    """A 64 MiB file with three small data blocks and holes everywhere else (a trailing
+    one too); returns the sha256 of its contents."""
+    with open(path, "wb") as fh:
+        fh.truncate(_SPARSE_SIZE)
+        for offset, block in _SPARSE_BLOCKS.items():
+            fh.seek(offset)
+            fh.write(block)
+    if os.stat(path).st_blocks * 512 >= 4 * MiB:
+        pytest.skip("the file system under /tmp does not keep files sparse")
+    expected = bytearray(_SPARSE_SIZE)
+    for offset, block in _SPARSE_BLOCKS.items():
+        expected[offset : offset + len(block)] = block
+    return _sha(bytes(expected))
+
+
+@pytest.fixture
+def local(base: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh client-side directory outside the daemon's root, named after the test."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+    path = base / "local" / name
+    path.mkdir(parents=True)
+    return path
+
+
+def test_upload_then_download_round_trip(daemon: VirnetDaemon, area: Path, local: Path) -> None:
+    d = area.name
+    data = os.urandom(5 * MiB + 3)
+    src = local / "src.bin"
+    src.write_bytes(data)
+    assert ok("upload", str(src), f"{d}/f.bin", uri=daemon.uri) == ""
+    assert _file_sha(area / "f.bin") == _sha(data)
+    assert stat.S_IMODE(os.stat(area / "f.bin").st_mode) == 0o644
+
+    assert ok("download", f"{d}/f.bin", str(local / "back.bin"), uri=daemon.uri) == ""
+    assert _file_sha(local / "back.bin") == _sha(data)
+    # a directory as LOCAL: the remote file's name inside it
+    assert ok("download", f"{d}/f.bin", str(local), uri=daemon.uri) == ""
+    assert _file_sha(local / "f.bin") == _sha(data)
+
+    # uploading again replaces the file (a new inode) and keeps its mode
+    os.chmod(area / "f.bin", 0o640)
+    inode = os.stat(area / "f.bin").st_ino
+    new = os.urandom(MiB + 1)
+    src.write_bytes(new)
+    assert ok("upload", str(src), f"{d}/f.bin", uri=daemon.uri) == ""
+    st = os.stat(area / "f.bin")
+    assert _file_sha(area / "f.bin") == _sha(new)
+    assert st.st_ino != inode and stat.S_IMODE(st.st_mode) == 0o640
+    assert _temps(area, local) == []
+
+
+def test_download_to_stdout_and_upload_from_stdin(daemon: VirnetDaemon, area: Path) -> None:
+    d = area.name
+    data = os.urandom(3 * MiB + 5)
+    (area / "f.bin").write_bytes(data)
+
+    res = run_virnet_bytes("download", f"{d}/f.bin", "-", uri=daemon.uri)
+    assert res.returncode == 0, _describe_bytes(res)
+    assert res.stderr == b"", _describe_bytes(res)
+    assert _sha(res.stdout) == _sha(data)
+
+    res = run_virnet_bytes(
+        "download", f"{d}/f.bin", "-", "--offset", "1000", "--length", "70000", uri=daemon.uri
+    )
+    assert res.returncode == 0, _describe_bytes(res)
+    assert res.stdout == data[1000:71000]
+
+    res = run_virnet_bytes("upload", "-", f"{d}/in.bin", uri=daemon.uri, stdin=data)
+    assert res.returncode == 0, _describe_bytes(res)
+    assert (res.stdout, res.stderr) == (b"", b""), _describe_bytes(res)
+    assert _file_sha(area / "in.bin") == _sha(data)
+
+    res = run_virnet_bytes("upload", "-", f"{d}/empty", uri=daemon.uri, stdin=b"")
+    assert res.returncode == 0, _describe_bytes(res)
+    assert (area / "empty").read_bytes() == b""
+
+    # stdin in place: at an offset of an existing file
+    res = run_virnet_bytes("upload", "-", f"{d}/in.bin", "--offset", "7", uri=daemon.uri,
+                           stdin=b"PATCH")
+    assert res.returncode == 0, _describe_bytes(res)
+    assert _file_sha(area / "in.bin") == _sha(data[:7] + b"PATCH" + data[12:])
+    assert _temps(area) == []
+
+
+def test_sparse_download_and_upload(daemon: VirnetDaemon, area: Path, local: Path) -> None:
+    d = area.name
+    digest = _make_sparse(area / "sparse.img")
+
+    assert ok("download", "--sparse", f"{d}/sparse.img", str(local / "s.img"),
+              uri=daemon.uri) == ""
+    st = os.stat(local / "s.img")
+    assert st.st_size == _SPARSE_SIZE  # the trailing hole is there
+    assert st.st_blocks * 512 < 2 * MiB
+    assert _file_sha(local / "s.img") == digest
+
+    assert ok("upload", "--sparse", str(local / "s.img"), f"{d}/up.img", uri=daemon.uri) == ""
+    st = os.stat(area / "up.img")
+    assert st.st_size == _SPARSE_SIZE
+    assert st.st_blocks * 512 < 2 * MiB
+    assert _file_sha(area / "up.img") == digest
+
+    # without --sparse the bytes are the same (the holes travel as zeros)
+    assert ok("download", f"{d}/sparse.img", str(local / "plain.img"), uri=daemon.uri) == ""
+    assert _file_sha(local / "plain.img") == digest
+    assert _temps(area, local) == []
+
+
+def test_offset_and_length(daemon: VirnetDaemon, area: Path, local: Path) -> None:
+    d = area.name
+    data = os.urandom(MiB)
+    (area / "f.bin").write_bytes(data)
+
+    ok("download", f"{d}/f.bin", str(local / "part"), "--offset", "1000", "--length", "5000",
+       uri=daemon.uri)
+    assert (local / "part").read_bytes() == data[1000:6000]
+    ok("download", f"{d}/f.bin", str(local / "tail"), "--offset", "0x100", uri=daemon.uri)
+    assert (local / "tail").read_bytes() == data[256:]
+
+    patch = os.urandom(3000)
+    (local / "patch").write_bytes(patch)
+    inode = os.stat(area / "f.bin").st_ino
+    ok("upload", str(local / "patch"), f"{d}/f.bin", "--offset", "100", uri=daemon.uri)
+    ok("upload", str(local / "patch"), f"{d}/f.bin", "--offset", "5000", "--length", "4",
+       uri=daemon.uri)
+    expected = data[:100] + patch + data[3100:5000] + patch[:4] + data[5004:]
+    assert _file_sha(area / "f.bin") == _sha(expected)
+    assert os.stat(area / "f.bin").st_ino == inode  # written in place
+
+    failed("download", f"{d}/f.bin", str(local / "x"), "--offset", str(MiB + 1),
+           uri=daemon.uri, needles=("beyond",))
+    failed("download", f"{d}/f.bin", str(local / "x"), "--offset", "10", "--length", str(MiB),
+           uri=daemon.uri, needles=("beyond",))
+    failed("upload", str(local / "patch"), f"{d}/f.bin", "--length", "3001",
+           uri=daemon.uri, needles=("larger",))
+    failed("upload", str(local / "patch"), f"{d}/missing", "--offset", "1",
+           uri=daemon.uri, needles=("no such file",))
+    assert not (area / "missing").exists()
+    assert not (local / "x").exists()
+    res = run_virnet("download", f"{d}/f.bin", "-", "--offset", "-1", uri=daemon.uri)
+    assert res.returncode == 2, _describe(res)
+    assert _file_sha(area / "f.bin") == _sha(expected)
+    assert _temps(area, local) == []
+
+
+def test_exclusive_upload(daemon: VirnetDaemon, area: Path, local: Path) -> None:
+    d = area.name
+    (area / "taken").write_bytes(b"first")
+    (local / "src").write_bytes(b"second")
+    line = failed("upload", "--exclusive", str(local / "src"), f"{d}/taken", uri=daemon.uri,
+                  needles=("exists",))
+    assert f"{d}/taken" in line
+    assert (area / "taken").read_bytes() == b"first"
+    assert ok("upload", "--exclusive", str(local / "src"), f"{d}/free", uri=daemon.uri) == ""
+    assert (area / "free").read_bytes() == b"second"
+    assert _temps(area) == []
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--no-progress"], ["-q"], ["-q", "--progress"]],
+    ids=["no-progress", "quiet", "quiet-beats-progress"],
+)
+def test_transfers_print_nothing_when_asked(
+    daemon: VirnetDaemon, area: Path, local: Path, flags: list[str]
+) -> None:
+    d = area.name
+    data = os.urandom(2 * MiB)
+    (local / "src").write_bytes(data)
+    top = [f for f in flags if f == "-q"]
+    sub = [f for f in flags if f != "-q"]
+    for argv in (
+        [*top, "upload", str(local / "src"), f"{d}/f", *sub],
+        [*top, "download", f"{d}/f", str(local / "back"), *sub],
+    ):
+        res = run_virnet(*argv, uri=daemon.uri)
+        assert res.returncode == 0, _describe(res)
+        assert (res.stdout, res.stderr) == ("", ""), _describe(res)
+    assert (local / "back").read_bytes() == data
+    res = run_virnet_bytes(*top, "download", f"{d}/f", "-", *sub, uri=daemon.uri)
+    assert res.returncode == 0, _describe_bytes(res)
+    assert res.stderr == b"", _describe_bytes(res)
+    assert res.stdout == data
+
+
+def test_progress_is_forced_without_a_terminal(
+    daemon: VirnetDaemon, area: Path, local: Path
+) -> None:
+    d = area.name
+    data = os.urandom(3 * MiB)
+    (local / "src").write_bytes(data)
+    progress = re.compile(r"MiB|%|/s\b")
+
+    res = run_virnet("upload", "--progress", str(local / "src"), f"{d}/f", uri=daemon.uri)
+    assert res.returncode == 0, _describe(res)
+    assert res.stdout == "", _describe(res)
+    assert progress.search(res.stderr), _describe(res)
+    assert "Traceback" not in res.stderr, _describe(res)
+
+    res = run_virnet("download", "--progress", f"{d}/f", str(local / "back"), uri=daemon.uri)
+    assert res.returncode == 0, _describe(res)
+    assert progress.search(res.stderr), _describe(res)
+    assert (local / "back").read_bytes() == data
+
+    # to stdout: the bar goes to stderr, the data alone to stdout
+    resb = run_virnet_bytes("download", "--progress", f"{d}/f", "-", uri=daemon.uri)
+    assert resb.returncode == 0, _describe_bytes(resb)
+    assert progress.search(resb.stderr.decode()), _describe_bytes(resb)
+    assert resb.stdout == data
+
+    # and without --progress (stderr is a pipe here): nothing
+    res = run_virnet("download", f"{d}/f", str(local / "again"), uri=daemon.uri)
+    assert res.returncode == 0 and res.stderr == "", _describe(res)
+
+
+def test_failed_download_leaves_no_partial_local_file(
+    daemon: VirnetDaemon, area: Path, local: Path
+) -> None:
+    d = area.name
+    failed("download", f"{d}/missing", str(local / "out"), uri=daemon.uri,
+           needles=("no such file",))
+    assert os.listdir(local) == []
+    (local / "keep").write_bytes(b"precious")
+    before = os.stat(local / "keep")
+    failed("download", f"{d}/missing", str(local / "keep"), uri=daemon.uri,
+           needles=("no such file",))
+    (area / "dir").mkdir()
+    failed("download", f"{d}/dir", str(local / "keep"), uri=daemon.uri,
+           needles=("regular file",))
+    failed("download", "../escape", str(local / "keep"), uri=daemon.uri, needles=("refused",))
+    assert (local / "keep").read_bytes() == b"precious"
+    assert os.stat(local / "keep").st_mtime_ns == before.st_mtime_ns
+    assert os.listdir(local) == ["keep"]
+    # to stdout: nothing on stdout, one error line (checked by failed())
+    failed("download", f"{d}/missing", "-", uri=daemon.uri, needles=("no such file",))
+
+
+def test_failed_uploads_are_one_clean_line(
+    daemon: VirnetDaemon, area: Path, local: Path, base: Path
+) -> None:
+    d = area.name
+    (local / "src").write_bytes(b"data")
+    (area / "dir").mkdir()
+    failed("upload", str(local / "nothing"), f"{d}/x", uri=daemon.uri, needles=("no such file",))
+    failed("upload", str(local / "src"), f"{d}/no/such/dir/x", uri=daemon.uri,
+           needles=("no such file",))
+    failed("upload", str(local / "src"), f"{d}/dir", uri=daemon.uri, needles=("directory",))
+    failed("upload", str(local / "src"), "../outside-upload", uri=daemon.uri,
+           needles=("refused",))
+    failed("upload", str(local / "src"), "/tmp/outside-upload", uri=daemon.uri,
+           needles=("refused",))
+    assert not (base / "outside-upload").exists()
+    assert not (area / "x").exists() and not (area / "no").exists()
+    assert sorted(os.listdir(area)) == ["dir"]
+    assert _temps(area) == []
+
+
+def test_upload_over_a_symlink_leading_outside_replaces_the_link(
+    daemon: VirnetDaemon, area: Path, local: Path, base: Path
+) -> None:
+    d = area.name
+    outside = base / "outside-transfers"
+    outside.mkdir(exist_ok=True)
+    secret = outside / "secret"
+    secret.write_bytes(b"secret")
+    os.symlink(secret, area / "link")
+    os.symlink(outside, area / "outdir")
+    (local / "src").write_bytes(b"new contents")
+    failed("download", f"{d}/link", str(local / "got"), uri=daemon.uri,
+           needles=("outside the data root",))
+    failed("download", f"{d}/outdir/secret", str(local / "got"), uri=daemon.uri,
+           needles=("outside the data root",))
+    failed("upload", str(local / "src"), f"{d}/outdir/secret", uri=daemon.uri,
+           needles=("outside the data root",))
+    failed("upload", str(local / "src"), f"{d}/link", "--offset", "1", uri=daemon.uri,
+           needles=("outside the data root",))
+    assert not (local / "got").exists()
+    assert ok("upload", str(local / "src"), f"{d}/link", uri=daemon.uri) == ""
+    assert not os.path.islink(area / "link")
+    assert (area / "link").read_bytes() == b"new contents"
+    assert secret.read_bytes() == b"secret"
+    assert os.listdir(outside) == ["secret"]
+
+
+def test_readonly_listener_downloads_but_refuses_uploads(
+    daemon: VirnetDaemon, area: Path, local: Path
+) -> None:
+    d = area.name
+    data = os.urandom(100_000)
+    (area / "f").write_bytes(data)
+    (local / "src").write_bytes(b"nope")
+    assert ok("download", f"{d}/f", str(local / "f"), uri=daemon.ro_uri) == ""
+    assert (local / "f").read_bytes() == data
+    failed("upload", str(local / "src"), f"{d}/f", uri=daemon.ro_uri, needles=("read only",))
+    failed("upload", str(local / "src"), f"{d}/new", uri=daemon.ro_uri,
+           needles=("read only",))
+    assert (area / "f").read_bytes() == data
+    assert sorted(os.listdir(area)) == ["f"]
+
+
 # ---------------------------------------------------------------------------- demo
 
 

@@ -525,3 +525,35 @@ async def test_memory_bounded_with_stalled_reader(env: Env, hello: bool) -> None
         sender.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sender
+
+
+async def test_connection_memory_budget() -> None:
+    """Past the connection-wide budget no stream gets more credit; reading resumes it."""
+    tmp = short_tmpdir()
+    server = virnet.Server(window=1024 * 1024)
+    streams = StreamService()
+    streams.register(server)
+    uri = str(await server.listen(sock_uri(tmp)))
+    try:
+        async with await virnet.connect(uri, window=1024 * 1024, rx_budget=1024 * 1024) as c:
+            a = await c.open_stream(SOURCE, StreamArgs(8_000_000, 50, MODE_NORMAL))
+            b = await c.open_stream(SOURCE, StreamArgs(8_000_000, 51, MODE_NORMAL))
+            await asyncio.sleep(0.3)  # nobody reads: each stream fills its window
+            assert c.protocol.rx_buffered == a.buffered + b.buffered > 1024 * 1024
+            for _ in range(3):  # a's reader consumes, but b's unread data keeps the
+                await a.recv_chunk()  # connection over budget: a's credit is held back
+            received = a.bytes_received
+            await asyncio.sleep(0.3)
+            assert a in c.protocol.deferred_grants
+            assert a.bytes_received == received
+            total = {}
+            for name, st in (("b", b), ("a", a)):  # reading b releases a's credit
+                buf = bytearray()
+                await asyncio.wait_for(st.recv_all(buf.extend), 20)
+                await st.finish()
+                total[name] = len(buf)
+            assert total == {"a": 8_000_000 - 3 * STREAM_CHUNK, "b": 8_000_000}
+            assert c.protocol.rx_buffered == 0
+    finally:
+        await server.close()
+        remove_tree(tmp)

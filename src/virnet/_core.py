@@ -123,6 +123,7 @@ class ConnectionCore:
         keepalive_interval: float = 5.0,
         keepalive_count: int = 5,
         window: int = 4 * 1024 * 1024,
+        rx_budget: int = 64 * 1024 * 1024,
     ) -> None:
         self.is_client = is_client
         self.decoder = FrameDecoder(max_message)
@@ -133,6 +134,11 @@ class ConnectionCore:
         #: Our per-stream receive window (native) or receive limit (legacy), in bytes.
         self.window = window
         self.legacy_rx_limit = window
+        #: Connection-wide budget of received, unread stream data (native mode): past
+        #: it, no stream is granted more credit until readers catch up.
+        self.rx_budget = rx_budget
+        self.rx_buffered = 0
+        self.deferred_grants: list[Any] = []
         self._next_serial = 1
         self._pending: dict[int, tuple[int, int, int]] = {}
         self.streams: dict[StreamKey, StreamEndpoint] = {}

@@ -40,6 +40,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         keepalive_interval: float = 5.0,
         keepalive_count: int = 5,
         window: int = 4 * 1024 * 1024,
+        rx_budget: int = 64 * 1024 * 1024,
     ) -> None:
         ConnectionCore.__init__(
             self,
@@ -48,6 +49,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             keepalive_interval=keepalive_interval,
             keepalive_count=keepalive_count,
             window=window,
+            rx_budget=rx_budget,
         )
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None

@@ -324,6 +324,7 @@ async def connect(
     keepalive_count: int = 5,
     max_message: int = MAX_MESSAGE,
     window: int = DEFAULT_WINDOW,
+    rx_budget: int = 64 * 1024 * 1024,
     timeout: float | None = 30.0,
 ) -> Client:
     """Connect to ``uri`` (``unix:///path`` or ``tcp://host:port``; default: the local
@@ -340,6 +341,7 @@ async def connect(
             keepalive_interval=keepalive_interval,
             keepalive_count=keepalive_count,
             window=window,
+            rx_budget=rx_budget,
         )
 
     try:

@@ -130,6 +130,7 @@ class ServerConnection(RPCProtocol):
             keepalive_interval=server.keepalive_interval,
             keepalive_count=server.keepalive_count,
             window=server.window,
+            rx_budget=server.rx_budget,
         )
         self.server = server
         self.readonly = readonly
@@ -364,6 +365,7 @@ class Server:
         keepalive_interval: float = 5.0,
         keepalive_count: int = 5,
         window: int = DEFAULT_WINDOW,
+        rx_budget: int = 64 * 1024 * 1024,
     ) -> None:
         self.max_message = max_message
         self.max_clients = max_clients
@@ -373,6 +375,7 @@ class Server:
         self.keepalive_interval = keepalive_interval
         self.keepalive_count = keepalive_count
         self.window = window
+        self.rx_budget = rx_budget
         self.programs: dict[tuple[int, int], Program] = {}
         self.handlers: dict[tuple[int, int, int], _Registration] = {}
         self.connections: set[ServerConnection] = set()

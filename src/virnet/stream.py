@@ -157,6 +157,7 @@ class Stream:
         self._rx_waiter: asyncio.Future[None] | None = None
         self._window = proto.window if self.native else proto.legacy_rx_limit
         self._consumed = 0  # consumed since the last CREDIT we granted
+        self._budget_released = False  # our queued bytes left the connection's total
         self._grant_step = max(1, min(self._window // 2, self._window - STREAM_CHUNK))
         self._over_limit = False
         # send side
@@ -412,11 +413,13 @@ class Stream:
             elif self._discard:
                 self.bytes_received += n
                 self._rx_bytes += n
+                self._proto.rx_buffered += n
                 self._consume(n)
                 return
             else:
                 self._rx.append(payload)
                 self._rx_bytes += n
+                self._proto.rx_buffered += n
                 self.bytes_received += n
                 if self._rx_bytes > self._window:
                     if self.native:
@@ -522,6 +525,11 @@ class Stream:
         self._tx_bytes = 0
         self._proto.streams.pop(self.key, None)
         self._proto.stream_closed(self)
+        if not self._budget_released:
+            # What is still queued (it may yet be read) no longer counts against the
+            # connection: this stream will never be granted credit again.
+            self._budget_released = True
+            self._proto.rx_buffered -= self._rx_bytes
         if self._over_limit:
             self._over_limit = False
             self._proto.stream_over_limit(self, False)
@@ -563,17 +571,34 @@ class Stream:
 
     def _consume(self, n: int) -> None:
         self._rx_bytes -= n
+        proto = self._proto
+        if not self._budget_released:
+            proto.rx_buffered -= n
         if self._over_limit and self._rx_bytes <= self._window // 2:
             self._over_limit = False
-            self._proto.stream_over_limit(self, False)
+            proto.stream_over_limit(self, False)
         if self.native and not self.closed:
             self._consumed += n
             # Grant in half-window steps (h2, yamux, SSH do the same): few CREDIT
             # messages, and the sender never runs dry while one is in flight.
             if self._consumed >= self._grant_step:
                 self._grant()
+        if proto.deferred_grants and proto.rx_buffered <= proto.rx_budget:
+            waiting = proto.deferred_grants
+            proto.deferred_grants = []
+            for stream in waiting:
+                stream._grant()
 
     def _grant(self) -> None:
+        if self.closed or not self._consumed:
+            return
+        proto = self._proto
+        if proto.rx_buffered > proto.rx_budget:
+            # The connection as a whole holds too much unread data: grant nothing more
+            # until some reader catches up (connection-wide memory budget).
+            if self not in proto.deferred_grants:
+                proto.deferred_grants.append(self)
+            return
         amount = self._consumed
         self._consumed = 0
         payload = _CREDIT.pack(self._prog, self._vers, self._proc, self.serial, amount)
