@@ -821,3 +821,22 @@ async def test_readonly_listener_downloads_but_never_uploads(env: Env) -> None:
     assert read(env.path("ro.bin")) == data
     assert not os.path.exists(env.path("new.bin"))
     assert upload_temps(env.root) == []
+
+
+async def test_checksum_of_a_fifo_is_refused_without_hanging() -> None:
+    """Opening a FIFO for a checksum must not wait for a writer (it would hang a worker)."""
+    tmp = short_tmpdir()
+    try:
+        root = os.path.join(tmp, "root")
+        os.makedirs(root)
+        os.mkfifo(os.path.join(root, "pipe"))
+        daemon = Daemon(DaemonConfig(listen=[sock_uri(tmp)], root=root))
+        (uri,) = await daemon.start()
+        try:
+            async with await virnet.connect(uri) as c:
+                with pytest.raises(RPCError, match="not a regular file"):
+                    await c.call(f.CHECKSUM, f.ChecksumArgs("pipe", "sha256"), timeout=5)
+        finally:
+            await daemon.stop()
+    finally:
+        remove_tree(tmp)

@@ -120,8 +120,13 @@ async def download(
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".part", dir=parent)
     committed = False
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)  # keep an existing file's mode
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # what open() would have given a new file
+        os.fchmod(fd, mode)
         stream = await client.open_stream(f.DOWNLOAD, args, sparse=sparse)
         if on_size:
             on_size(stream.reply.size)

@@ -106,9 +106,13 @@ class FilesService:
 
         def digest() -> bytes:
             h: Any = hashlib.new(algorithm)
-            with open(path, "rb") as fh:
-                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                    raise IsADirectoryError(21, "not a regular file")
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise IsADirectoryError(21, "not a regular file")
+            os.set_blocking(fd, True)
+            with open(fd, "rb") as fh:
                 buf = bytearray(CHECKSUM_BLOCK)
                 view = memoryview(buf)
                 while n := fh.readinto(buf):
