@@ -557,3 +557,41 @@ async def test_connection_memory_budget() -> None:
     finally:
         await server.close()
         remove_tree(tmp)
+
+
+async def test_download_data_before_the_reply_is_kept() -> None:
+    """A server may queue a download's first packets ahead of its reply (libvirt's
+    daemon can): the client registered the stream before calling, so nothing is lost."""
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = _impl.FrameDecoder()
+        calls: list[_impl.Message] = []
+        while not calls:
+            calls = dec.feed(await reader.read(65536))
+        call = calls[0]
+        key = (call.prog, call.vers, call.proc)
+        writer.write(_impl.wire.join(_impl.encode_stream_data(*key, call.serial, b"early ")))
+        writer.write(_impl.wire.join(_impl.encode_stream_data(*key, call.serial, b"bird")))
+        writer.write(_impl.wire.join(_impl.encode_stream_data(*key, call.serial, b"")))
+        writer.write(_impl.wire.join(_impl.encode_message(*key, 1, call.serial, 0, bytes(8))))
+        while not (msgs := dec.feed(await reader.read(65536))):
+            pass
+        assert (msgs[0].type, msgs[0].status) == (3, 0)  # the client's finish
+        writer.write(_impl.wire.join(_impl.encode_message(*key, 3, call.serial, 0)))
+        await writer.drain()
+        await reader.read(65536)
+        writer.close()
+
+    tmp = short_tmpdir()
+    srv = await asyncio.start_unix_server(early, f"{tmp}/e.sock")
+    try:
+        async with await virnet.connect(f"unix://{tmp}/e.sock", hello=False) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(10, 1, 0))
+            got = bytearray()
+            await asyncio.wait_for(st.recv_all(got.extend), 5)
+            await asyncio.wait_for(st.finish(), 5)
+        assert bytes(got) == b"early bird"
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        remove_tree(tmp)
