@@ -37,6 +37,7 @@ from .constants import (
     CONTROL_CREDIT,
     CONTROL_PROGRAM,
     CONTROL_VERSION,
+    FEATURE_FLOW_CONTROL,
     STREAM_CHUNK,
     MessageStatus,
     MessageType,
@@ -141,7 +142,7 @@ class Stream:
         self.can_send = can_send
         self.can_recv = can_recv
         self.is_client = proto.is_client
-        self.native = proto.mode is Mode.NATIVE and bool(proto.features & 1)
+        self.native = proto.mode is Mode.NATIVE and bool(proto.features & FEATURE_FLOW_CONTROL)
         self.state = StreamState.OPEN
         self.error: StreamError | None = None
         self.reply: Any = None
@@ -484,12 +485,18 @@ class Stream:
                 fut.set_exception(err)
             return
         # Server: the client aborted.  Confirm with STREAM+OK, as libvirt does.
-        self._proto.queue_urgent(
-            encode_message(self._prog, self._vers, self._proc, _STREAM, self.serial, _OK)
-        )
+        self._control(_OK)
         self._terminate(
             StreamState.ABORTED,
             _stream_error("stream aborted by the client", ErrorCode.OPERATION_ABORTED),
+        )
+
+    def _control(self, status: int, payload: bytes = b"") -> None:
+        """Queue a STREAM control packet (finish/abort/error) ahead of all data."""
+        self._proto.queue_urgent(
+            encode_message(
+                self._prog, self._vers, self._proc, _STREAM, self.serial, status, payload
+            )
         )
 
     def _fail_local(self, reason: str) -> None:
@@ -498,21 +505,9 @@ class Stream:
         log.warning("stream %s from %s: %s", self.serial, self._proto.peer, reason)
         if self.is_client:
             # Clients abort with an empty STREAM+ERROR; the confirmation is ignored.
-            self._proto.queue_urgent(
-                encode_message(self._prog, self._vers, self._proc, _STREAM, self.serial, _ERROR)
-            )
+            self._control(_ERROR)
         else:
-            self._proto.queue_urgent(
-                encode_message(
-                    self._prog,
-                    self._vers,
-                    self._proc,
-                    _STREAM,
-                    self.serial,
-                    _ERROR,
-                    protocol.encode_error(err),
-                )
-            )
+            self._control(_ERROR, protocol.encode_error(err))
         self._terminate(StreamState.FAILED, err)
 
     def _terminate(self, state: StreamState, err: StreamError | None) -> None:
@@ -755,17 +750,7 @@ class Stream:
         self._tx.clear()
         self._tx_bytes = 0
         if not self.is_client:
-            self._proto.queue_urgent(
-                encode_message(
-                    self._prog,
-                    self._vers,
-                    self._proc,
-                    _STREAM,
-                    self.serial,
-                    _ERROR,
-                    protocol.encode_error(err),
-                )
-            )
+            self._control(_ERROR, protocol.encode_error(err))
             self._terminate(StreamState.ABORTED, err)
             return
         fut = self._control_waiter
@@ -773,9 +758,7 @@ class Stream:
             fut = self._proto.loop.create_future()
             self._control_waiter = fut
         self.state = StreamState.FINISHING
-        self._proto.queue_urgent(
-            encode_message(self._prog, self._vers, self._proc, _STREAM, self.serial, _ERROR)
-        )
+        self._control(_ERROR)
         try:
             async with asyncio.timeout(30):
                 await fut

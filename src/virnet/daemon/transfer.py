@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -32,6 +33,15 @@ _KNOWN_FLAGS = int(f.TransferFlags.SPARSE | f.TransferFlags.EXCLUSIVE)
 
 def _arg_error(message: str) -> RPCError:
     return RPCError(message, code=ErrorCode.INVALID_ARG, domain=ErrorDomain.STORAGE)
+
+
+def _exists_error(wire_path: str) -> RPCError:
+    return RPCError(
+        f"{wire_path!r} already exists",
+        code=ErrorCode.OPERATION_INVALID,
+        domain=ErrorDomain.STORAGE,
+        int1=errno.EEXIST,
+    )
 
 
 class TransferService:
@@ -70,12 +80,7 @@ class TransferService:
             raise system_error(exc, f"stat {wire_path!r}") from None
         if old is not None:
             if excl:
-                raise RPCError(
-                    f"{wire_path!r} already exists",
-                    code=ErrorCode.OPERATION_INVALID,
-                    domain=ErrorDomain.STORAGE,
-                    int1=17,
-                )
+                raise _exists_error(wire_path)
             if stat.S_ISDIR(old.st_mode):
                 raise _arg_error(f"{wire_path!r} is a directory")
         try:
@@ -101,12 +106,7 @@ class TransferService:
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
-                    raise RPCError(
-                        f"{wire_path!r} already exists",
-                        code=ErrorCode.OPERATION_INVALID,
-                        domain=ErrorDomain.STORAGE,
-                        int1=17,
-                    ) from None
+                    raise _exists_error(wire_path) from None
                 os.unlink(tmp)
             else:
                 os.replace(tmp, path)
