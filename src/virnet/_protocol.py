@@ -22,11 +22,11 @@ log = logging.getLogger("virnet")
 
 #: Stream payload bytes taken per flush before yielding to the loop, so replies and
 #: incoming packets are handled between bursts of bulk data.
-FLUSH_BUDGET = 4 * 262144
+FLUSH_BUDGET = 2 * 262144
 #: Transport write-buffer high-water mark: large enough that the socket never idles
 #: between flushes, small enough to bound memory per connection.
-WRITE_HIGH_WATER = 1024 * 1024
-WRITE_LOW_WATER = 256 * 1024
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
 
 
 class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
@@ -175,6 +175,13 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
     def on_output(self) -> None:
         if self._flush_handle is None and self.transport is not None:
             self._flush_handle = self.loop.call_soon(self._flush)
+
+    def flush_now(self) -> None:
+        """Write what is queued at once instead of at the next loop iteration (a lone
+        call: nothing to batch it with, so waiting would only add latency)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_handle = None

@@ -129,6 +129,8 @@ class Client:
             fut: asyncio.Future[tuple[int, Buffer]] = proto.loop.create_future()
             serial = proto.send_call(prog.number, prog.version, procedure.number, packer.getvalue())
             proto.waiters[serial] = fut
+            if len(proto.waiters) == 1:
+                proto.flush_now()  # a lone call: nothing to batch it with
             try:
                 status, data = await fut
             except asyncio.CancelledError:

@@ -218,11 +218,9 @@ class ServerConnection(RPCProtocol):
                     self.active -= 1
                     if task is not None:
                         self.stream_tasks.discard(task)
-            if self._flush_handle is not None:
-                # The queue is drained: send the replies now, in one write, rather than
-                # a loop iteration later.
-                self._flush_handle.cancel()
-                self._flush()
+            # The queue is drained: send the replies now, in one write, rather than a
+            # loop iteration later.
+            self.flush_now()
             if self.transport is None or len(self.idle) >= IDLE_WORKERS:
                 return
             fut = self.loop.create_future()
