@@ -111,6 +111,37 @@ def run_pair(
                 p.wait()
 
 
+def run_one(
+    script: str,
+    role: str,
+    addr: str,
+    *,
+    core: str | None,
+    extra: tuple[str, ...] = (),
+    timeout: float,
+) -> str:
+    """Run one client child against a server that is not ours (e.g. libvirtd); return
+    the data of its ``RESULT`` line.  It must exit with status 0."""
+    child = subprocess.Popen(
+        child_cmd(script, role, addr, core, *extra),
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(core),
+    )
+    try:
+        out, _ = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:  # only the child started here, by its own handle
+            child.kill()
+            child.wait()
+    if child.returncode != 0:
+        raise RuntimeError(f"{role} failed: exit status {child.returncode}")
+    for ln in out.splitlines():
+        if ln.startswith("RESULT "):
+            return ln[len("RESULT ") :]
+    raise RuntimeError(f"{role} gave no RESULT")
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "nproc": os.cpu_count(),

@@ -26,10 +26,20 @@ is virnet's value over the anchor's, so above 1 means slower.
   ``@xdr.struct`` of a ``string<1024>`` of 100 bytes and a ``uint``) and a
   ``virnet.connect`` client; the handler returns its argument.
 
-Extension points: the conditions "beside a saturating stream" and "beside a stalled
-stream" (SPEC section 7) become more ``Scenario`` entries once virnet has data streams:
-their client role opens the stream (and keeps it busy, or stops reading it) before
-``measure`` runs.  They are deliberately not listed until they exist.
+* ``virnet, compiled, beside a saturating stream`` -- the same calls on a connection
+  that also carries a download stream running flat out: a task in the client process
+  reads it with ``async for`` as fast as it can (the server sends one reused 8 MiB block
+  again and again, ``_vnstreams.SOURCE``).  The stream's rate while the calls ran is
+  reported too.
+* ``virnet, compiled, beside a stalled stream`` -- the same calls beside an upload stream
+  whose server handler never reads (``_vnstreams.STALL``); the client's sender task fills
+  the peer's window first (and its own send queue), then waits.  The bytes the stalled
+  stream moved while the calls ran are reported (0 expected).
+
+For these two the table also gives the ratio to ``virnet, compiled`` (idle) of the same
+run; the targets of the issue (saturating p99 <= 3x idle, stalled p99 <= 1.2x idle, 64 in
+flight >= 0.7x the anchor) are printed last with their verdicts.  A scenario that fails is
+recorded as failed (``meta.failed`` in the JSON) and the run goes on.
 """
 
 from __future__ import annotations
@@ -56,7 +66,9 @@ from _common import (
     run_pair,
     unix_addr,
 )
+from _vnstreams import SOURCE, STALL, BenchService, Size, data_block
 from virnet import xdr
+from virnet.constants import STREAM_CHUNK
 
 INFLIGHT = 64
 BODY = b"x" * 100
@@ -251,6 +263,7 @@ async def virnet_server(addr: str) -> None:
 
     server = virnet.Server()
     server.register(ECHO, echo)
+    BenchService().register(server)  # SOURCE (download) and STALL (upload, never read)
     await server.listen(f"unix://{_unix_path(addr)}")
     print(f"READY {addr}", flush=True)
     # Serve one client, then exit.  Polled: the server has no "connection gone" hook.
@@ -272,6 +285,94 @@ async def virnet_client(addr: str, n_seq: int, n_pipe: int, n_lat: int) -> dict[
         return await measure(call, lambda i, r: r.text == TEXT and r.n == 0, n_seq, n_pipe, n_lat)
 
 
+STREAM_WARMUP = 64 * 1024 * 1024  # bytes the saturating stream moves before measuring
+
+
+async def virnet_client_saturating(
+    addr: str, n_seq: int, n_pipe: int, n_lat: int
+) -> dict[str, float]:
+    """The same calls while a download stream on the same connection runs flat out: a
+    task in this process reads it with ``async for`` as fast as it can."""
+    client = await virnet.connect(f"unix://{_unix_path(addr)}")
+    arg = Echo(TEXT, 0)
+
+    def call(i: int) -> Awaitable[Any]:
+        return client.call(ECHO, arg)
+
+    async with client:
+        stream = await client.open_stream(SOURCE, Size(0))  # 0: until we abort
+        got = 0
+
+        async def consume() -> None:
+            nonlocal got
+            async for chunk in stream:
+                got += len(chunk)
+
+        reader = asyncio.create_task(consume())
+        try:
+            while got < STREAM_WARMUP:
+                if reader.done():
+                    reader.result()  # raises what stopped it
+                    raise RuntimeError("download stream ended early")
+                await asyncio.sleep(0.005)
+            b0, t0 = got, time.perf_counter()
+            result = await measure(
+                call, lambda i, r: r.text == TEXT and r.n == 0, n_seq, n_pipe, n_lat
+            )
+            result["stream"] = (got - b0) / (time.perf_counter() - t0) / 1e9
+            if reader.done():
+                reader.result()
+                raise RuntimeError("download stream ended during the measurement")
+        finally:
+            reader.cancel()
+        await stream.abort()
+        return result
+
+
+async def virnet_client_stalled(addr: str, n_seq: int, n_pipe: int, n_lat: int) -> dict[str, float]:
+    """The same calls beside an upload stream whose server-side handler never reads:
+    the sender fills the peer's window (and its own send queue), then waits."""
+    client = await virnet.connect(f"unix://{_unix_path(addr)}")
+    arg = Echo(TEXT, 0)
+
+    def call(i: int) -> Awaitable[Any]:
+        return client.call(ECHO, arg)
+
+    async with client:
+        stream = await client.open_stream(STALL, Size(0))
+        block = data_block()
+
+        async def feed() -> None:
+            while True:
+                await stream.send(block)
+
+        writer = asyncio.create_task(feed())
+        try:
+            window = client.protocol.peer_window
+            deadline = time.perf_counter() + 10
+            # Filled: less credit left than one more packet needs.
+            while stream.bytes_sent + STREAM_CHUNK <= window:
+                if writer.done():
+                    writer.result()
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(
+                        f"stalled stream sent only {stream.bytes_sent} of its {window}-byte window"
+                    )
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+            sent0 = stream.bytes_sent
+            result = await measure(
+                call, lambda i, r: r.text == TEXT and r.n == 0, n_seq, n_pipe, n_lat
+            )
+            # Bytes the stalled stream moved while the calls ran: 0 if credit holds it.
+            result["stalled_sent"] = stream.bytes_sent - sent0
+            result["window"] = window
+        finally:
+            writer.cancel()
+        await stream.abort()
+        return result
+
+
 #: Child roles: name -> coroutine function.  Servers take (addr); clients take
 #: (addr, n_seq, n_pipe, n_lat) and return the metrics.  New scenarios add roles here.
 SERVER_ROLES: dict[str, Callable[[str], Awaitable[None]]] = {
@@ -281,6 +382,8 @@ SERVER_ROLES: dict[str, Callable[[str], Awaitable[None]]] = {
 CLIENT_ROLES: dict[str, Callable[..., Awaitable[dict[str, float]]]] = {
     "anchor-client": anchor_client,
     "virnet-client": virnet_client,
+    "virnet-client-saturating": virnet_client_saturating,
+    "virnet-client-stalled": virnet_client_stalled,
 }
 
 
@@ -298,11 +401,15 @@ def child_main(role: str, addr: str, core: str | None, counts: list[int]) -> Non
 # ============================================================================ parent side
 
 METRICS = [
-    # key, label, unit, higher is better
+    # key, label, unit, higher is better ("idle" is appended to latencies measured idle)
     ("seq", "sequential calls", "calls/s", True),
     ("pipe", f"{INFLIGHT} calls in flight", "calls/s", True),
-    ("p50", "p50 latency idle", "us", False),
-    ("p99", "p99 latency idle", "us", False),
+    ("p50", "p50 latency", "us", False),
+    ("p99", "p99 latency", "us", False),
+    # only beside a saturating stream: the stream's own rate while the calls ran
+    ("stream", "stream rate during the calls", "GB/s", True),
+    # only beside a stalled stream: what it moved while the calls ran (0 expected)
+    ("stalled_sent", "stalled stream bytes sent during the calls", "bytes", False),
 ]
 
 
@@ -313,7 +420,12 @@ class Scenario:
     client_role: str
     core: str | None = None
     anchor: bool = False
+    idle: bool = True  # nothing else on the connection
     samples: list[dict[str, float]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def label(self, base: str) -> str:
+        return f"{base} idle" if self.idle and base.endswith("latency") else base
 
     def run(self, counts: list[int], workdir: Path) -> dict[str, float]:
         result = run_pair(
@@ -329,14 +441,24 @@ class Scenario:
         return dict(json.loads(result["client"]))
 
 
+IDLE = "virnet, compiled"
+SATURATING = "virnet, compiled, beside a saturating stream"
+STALLED = "virnet, compiled, beside a stalled stream"
+
 SCENARIOS: list[Scenario] = [
     Scenario("anchor: length-prefixed RPC, uvloop", "anchor-server", "anchor-client", anchor=True),
-    Scenario("virnet, compiled", "virnet-server", "virnet-client", core="compiled"),
+    Scenario(IDLE, "virnet-server", "virnet-client", core="compiled"),
     Scenario("virnet, pure", "virnet-server", "virnet-client", core="pure"),
-    # Extension points, to be added once virnet has data streams (do not fake them):
-    #   Scenario("virnet, compiled, beside a saturating stream", ...),
-    #   Scenario("virnet, compiled, beside a stalled stream", ...),
-    # and the matching anchors (a bulk transfer on the same connection).
+    Scenario(SATURATING, "virnet-server", "virnet-client-saturating", core="compiled", idle=False),
+    Scenario(STALLED, "virnet-server", "virnet-client-stalled", core="compiled", idle=False),
+]
+
+#: Targets (from the issue): (scenario, metric key, compared with, op, goal).  "idle" is
+#: the same metric of IDLE in the same run, "anchor" the anchor's.
+TARGETS: list[tuple[str, str, str, str, float]] = [
+    (SATURATING, "p99", "idle", "<=", 3.0),
+    (STALLED, "p99", "idle", "<=", 1.2),
+    (IDLE, "pipe", "anchor", ">=", 0.70),
 ]
 
 
@@ -361,7 +483,12 @@ def main(argv: list[str] | None = None) -> int:
 
     repeat = args.repeat or (2 if args.quick else 5)
     scenarios = [
-        s for s in SCENARIOS if s.anchor or not args.only or any(o in s.name for o in args.only)
+        s
+        for s in SCENARIOS
+        if s.anchor
+        or (s.name == IDLE and args.only and any(o in SATURATING + STALLED for o in args.only))
+        or not args.only
+        or any(o in s.name for o in args.only)
     ]
     info = machine_info()
     print(
@@ -373,44 +500,107 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="virnet-bench-") as tmp:
         for rep in range(repeat):
             for sc in scenarios:
-                sc.samples.append(sc.run(counts, Path(tmp)))
-                m = sc.samples[-1]
+                try:
+                    m = sc.run(counts, Path(tmp))
+                except Exception as exc:  # recorded as failed, the run goes on
+                    sc.failures.append(f"{type(exc).__name__}: {exc}")
+                    print(
+                        f"  [{rep + 1}/{repeat}] {sc.name}: FAILED: {sc.failures[-1]}", flush=True
+                    )
+                    continue
+                sc.samples.append(m)
+                more = ""
+                if "stream" in m:
+                    more = f", stream {m['stream']:.2f} GB/s"
+                if "stalled_sent" in m:
+                    more = f", stalled stream sent {m['stalled_sent']:.0f} bytes meanwhile"
                 print(
                     f"  [{rep + 1}/{repeat}] {sc.name}: seq {m['seq']:,.0f}/s, "
                     f"{INFLIGHT} in flight {m['pipe']:,.0f}/s, "
-                    f"p50 {m['p50']:.0f} us, p99 {m['p99']:.0f} us",
+                    f"p50 {m['p50']:.0f} us, p99 {m['p99']:.0f} us{more}",
                     flush=True,
                 )
     wall = time.perf_counter() - started
     consistent = check_sources_unchanged(info)
 
+    def median_of(sc: Scenario | None, key: str) -> float | None:
+        if sc is None:
+            return None
+        values = [m[key] for m in sc.samples if key in m]
+        return statistics.median(values) if values else None
+
+    by_name = {s.name: s for s in scenarios}
     anchor = next((s for s in scenarios if s.anchor), None)
-    results = []
+    idle = by_name.get(IDLE)
+    results: list[dict[str, Any]] = []
     rows = []
     for sc in scenarios:
-        for key, label, unit, _ in METRICS:
-            values = [m[key] for m in sc.samples]
-            med = statistics.median(values)
-            ratio = None
-            if anchor is not None:
-                ratio = med / statistics.median(m[key] for m in anchor.samples)
-            name = f"{sc.name}: {label}"
-            results.append({"name": name, "value": round(med, 2), "unit": unit, "ratio": ratio})
+        if not sc.samples:
             rows.append(
                 {
                     "scenario": sc.name,
+                    "metric": "-",
+                    "median": "FAILED: " + (sc.failures[-1][:60] if sc.failures else "?"),
+                    "min..max": "-",
+                    "ratio to anchor": "-",
+                    "ratio to idle virnet": "-",
+                }
+            )
+            continue
+        for key, base, unit, _ in METRICS:
+            values = [m[key] for m in sc.samples if key in m]
+            if not values:
+                continue
+            med = statistics.median(values)
+            ref = median_of(anchor, key)
+            ratio = med / ref if ref else None
+            iref = median_of(idle, key) if not sc.idle else None
+            iratio = med / iref if iref else None
+            label = sc.label(base)
+            name = f"{sc.name}: {label}"
+            results.append({"name": name, "value": round(med, 2), "unit": unit, "ratio": ratio})
+            fmt = ",.0f" if unit != "GB/s" else ".2f"
+            failed = f" ({len(sc.failures)} failed)" if sc.failures else ""
+            rows.append(
+                {
+                    "scenario": sc.name + failed,
                     "metric": label,
-                    "median": f"{med:,.0f} {unit}",
-                    "min..max": f"{min(values):,.0f}..{max(values):,.0f}",
+                    "median": f"{med:{fmt}} {unit}",
+                    "min..max": f"{min(values):{fmt}}..{max(values):{fmt}}",
                     "ratio to anchor": f"{ratio:.2f}" if ratio is not None else "-",
+                    "ratio to idle virnet": f"{iratio:.2f}" if iratio is not None else "-",
                 }
             )
     print_table(
         f"small calls, {repeat} repetitions, wall {wall:.0f} s "
-        "(latency ratio: virnet / anchor, above 1 is slower)",
+        "(latency ratios: value / reference, above 1 is slower; 'idle virnet' is "
+        f"'{IDLE}' in this run)",
         rows,
-        ["scenario", "metric", "median", "min..max", "ratio to anchor"],
+        ["scenario", "metric", "median", "min..max", "ratio to anchor", "ratio to idle virnet"],
     )
+    target_rows = []
+    for name, key, ref_name, op, goal in TARGETS:
+        value = median_of(by_name.get(name), key)
+        ref = median_of(idle if ref_name == "idle" else anchor, key)
+        label = f"{name}: {key} / {ref_name} {op} {goal:g}"
+        if value is None or not ref:
+            target_rows.append({"target": label, "measured": "-", "verdict": "not measured"})
+            continue
+        ratio = value / ref
+        met = ratio >= goal if op == ">=" else ratio <= goal
+        gap = abs(ratio - goal)
+        verdict = "met" if met else f"missed by {gap:.2f} ({gap / goal * 100:.0f} %)"
+        target_rows.append({"target": label, "measured": f"{ratio:.2f}", "verdict": verdict})
+        if ref_name == "idle":
+            results.append(
+                {
+                    "name": f"{name}: {key} vs idle",
+                    "value": round(ratio, 3),
+                    "unit": "x",
+                    "ratio": None,
+                }
+            )
+    print_table("targets (ratios within this run)", target_rows, ["target", "measured", "verdict"])
     if args.json:
         doc = {
             "scenarios": results,
@@ -422,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
                 "sources_unchanged": consistent,
                 "machine": info,
                 "samples": {s.name: s.samples for s in scenarios},
+                "failed": {s.name: s.failures for s in scenarios if s.failures},
+                "targets": target_rows,
             },
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")

@@ -147,23 +147,14 @@ INFO = DomainInfo(
 
 
 def _struct_type(wire: ModuleType) -> xdr.StructType[DomainInfo]:
-    """``DomainInfo``'s XDR type with its primitives bound to ``wire``'s Packer/Unpacker.
+    """``DomainInfo``'s XDR type, used with ``wire``'s Packer/Unpacker.
 
-    ``xdr.int_``, ``xdr.uint``, ... hold the *unbound* methods of the core ``virnet._impl``
-    chose at import (``xdr.py:60-66``); handing them the other twin's packer is not
-    allowed (with the compiled core it corrupts memory).  So for each twin the schema is
-    rebuilt with that twin's methods: the same per-field work as ``xdr.encode``.
+    Since ``dbf082b`` the primitives call the method of the packer object they are
+    given (``xdr._Primitive``), never an unbound method of the twin ``virnet._impl``
+    chose at import, so one schema serves both twins: the same work as ``xdr.encode``.
     """
-    fields: list[tuple[str, Any]] = []
-    for name, ftype in xdr.type_of(DomainInfo).fields:
-        if isinstance(ftype, xdr._Primitive):
-            ftype = xdr._Primitive(
-                ftype.name,
-                getattr(wire.Packer, f"pack_{ftype.name}"),
-                getattr(wire.Unpacker, f"unpack_{ftype.name}"),
-            )
-        fields.append((name, ftype))
-    return xdr.StructType(DomainInfo, fields)
+    del wire  # the packer passed at call time decides the twin
+    return xdr.type_of(DomainInfo)  # type: ignore[return-value]
 
 
 def _encode(wire: ModuleType, stype: Any, value: DomainInfo) -> bytes:

@@ -14,7 +14,10 @@ anchor, framing, ...), so that a noisy neighbour hurts all of them alike.  The t
 the median and the ratio to the median of the anchor, the raw uvloop pump over a Unix
 socket, taken in the same run.  Only such ratios are comparable between runs.
 
-Scenarios (each a function ``run(nbytes, workdir) -> seconds``; add more to ``SCENARIOS``):
+Scenarios (each a function ``run(nbytes, workdir) -> Transfer``; add more to
+``SCENARIOS``).  A scenario that raises is recorded as failed (in the table and in the
+JSON's ``meta.failed``) and the run goes on; one that cannot run here (no libvirtd, no
+grpcio) is skipped with its reason (``meta.skipped``).
 
 * ``raw uvloop pump, unix`` -- the anchor: 256 KiB ``transport.write`` calls honouring
   ``pause_writing``/``resume_writing``; the receiver is a ``BufferedProtocol`` that counts
@@ -23,25 +26,55 @@ Scenarios (each a function ``run(nbytes, workdir) -> seconds``; add more to ``SC
   262120-byte block with ``encode_stream_data`` (``writelines`` of header + memoryview) and
   the receiver decodes with ``FrameDecoder`` (``get_buffer``/``buffer_updated``) and counts
   payload bytes.  The twin is chosen in the child with ``VIRNET_NO_EXTENSIONS``.
-* ``..., tcp`` -- TCP loopback variants of the anchor and of compiled framing.
+* ``virnet upload|download, compiled|pure, unix|tcp`` -- the real thing: ``virnet.connect``
+  and ``virnet.Server`` with the generic stream procedures of ``_vnstreams.py``.  Upload:
+  the client ``send``s one reused immutable 8 MiB ``bytes`` block until the volume is
+  sent, then ``finish``es; the server handler counts with ``async for`` and times its
+  first chunk to its last.  Download: the handler sends the same way, the client counts
+  with ``async for`` and times.  Both children use the same core.
+* ``virnet 8 streams down, compiled, unix`` -- 8 concurrent download streams on one
+  connection, the same total volume; timed from the first chunk of any stream to the last
+  of all.  Derived figures: aggregate vs one stream in the same run, and each stream's
+  own rate (its bytes over its own first-to-last chunk) against the mean of the 8.
+* ``virnet FILES upload|download via virnetd`` -- ``virnet.transfer.upload``/``download``
+  against a real ``Daemon`` whose data root and local files are on /dev/shm (tmpfs: no
+  disk, though tmpfs page allocation is in the figures).  Timed end to end by the client:
+  open, data, finish (the daemon's fsync on tmpfs is nearly free).
+* ``libvirt vol-download|vol-upload (python3-libvirt ...)`` -- the C stack: a
+  ``/usr/bin/python3 -c`` child with python3-libvirt (``recvAll``/``sendAll``) against a
+  private libvirtd (``tests/_libvirtd.py``, root only) with a dir pool on /dev/shm and one
+  raw volume filled with data.  Download is timed first chunk to last by the client;
+  upload from the ``upload()`` call to ``finish()``.  libvirtd's CPU comes from /proc.
+* ``virnet.libvirt vol-download|vol-upload`` -- virnet's own libvirt client (compiled,
+  uvloop) against the same libvirtd, timed the same way.
+* ``grpcio upload|download`` -- grpcio's sync API, raw bytes (no serializers), 256 KiB
+  messages, client- resp. server-streaming, over a Unix socket; skipped if grpcio is not
+  importable (it is not a dependency of the project: ``pip install grpcio``).
+* ``..., tcp`` -- TCP loopback variants of the anchor, of compiled framing and of the
+  compiled streams.
+
+FILES, libvirt and grpcio move at most ``CAP`` (2 GiB) per transfer: tmpfs is memory, and
+they run at well under 1 GB/s.
 
 All pump senders use the same transport write-buffer limits (high 4 MiB, low 1 MiB), the
-top of the 1-4 MiB range anchors.md recommends.
-
-Extension point: later scenarios (real virnet upload/download streams, 8 concurrent
-streams, libvirt's ``vol-upload``/``vol-download``, grpcio) are more ``Scenario`` entries
-whose ``run`` starts the two processes and returns the seconds for ``nbytes``; the child
-roles they need go into ``ROLES``.
+top of the 1-4 MiB range anchors.md recommends; the virnet stream scenarios use virnet's
+own limits.  The table shows the ratio of medians and, beside it, the median of the
+per-round ratios (each sample over the anchor's sample of the same round), which is less
+sensitive to load that changes between rounds.  The verdicts against the issue's targets
+are printed last (``TARGETS``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +89,7 @@ from _common import (
     cpu_seconds,
     machine_info,
     print_table,
+    run_one,
     run_pair,
     unix_addr,
 )
@@ -282,17 +316,349 @@ ROLES: dict[str, tuple[str, type[Any]]] = {
 }
 
 
-def child_main(role: str, addr: str, total: int, core: str | None) -> None:
+# ------------------------------------------------------------------ virnet streams
+
+
+def _virnet_uri(addr: str) -> str:
+    """``unix:/path`` -> ``unix:///path``; ``tcp:host:port`` -> ``tcp://host:port``."""
+    if addr.startswith("unix:"):
+        return f"unix://{addr[len('unix:') :]}"
+    return f"tcp://{addr[len('tcp:') :]}"
+
+
+def _ready_addr(address: Any) -> str:
+    if address.scheme == "unix":
+        return f"unix:{address.path}"
+    return f"tcp:{address.host}:{address.port}"
+
+
+async def vn_server(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    """A ``virnet.Server`` with the SINK/SOURCE/STALL procedures; serves one client."""
+    import virnet
+    from _vnstreams import BenchService, serve_one_client
+
+    svc = BenchService()
+    server = virnet.Server()
+    svc.register(server)
+    bound = await server.listen(_virnet_uri(addr))
+    print(f"READY {_ready_addr(bound)}", flush=True)
+    await serve_one_client(server)
+    await server.close()
+    return {"records": svc.records, "cpu": svc.cpu}
+
+
+async def vn_upload(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    """One upload stream: ``send`` of one reused 8 MiB block, then ``finish``."""
+    import virnet
+    from _vnstreams import SINK, Size, data_block, send_bytes
+
+    block = data_block()
+    async with await virnet.connect(_virnet_uri(addr)) as client:
+        stream = await client.open_stream(SINK, Size(total))
+        cpu0 = cpu_seconds()
+        t0 = time.perf_counter()
+        await send_bytes(stream, total, block)
+        await stream.finish()
+        return {"seconds": time.perf_counter() - t0, "cpu": cpu_seconds() - cpu0}
+
+
+async def vn_download(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    """One download stream read with ``async for``; first to last chunk."""
+    import virnet
+    from _vnstreams import SOURCE, Size, count_chunks
+
+    async with await virnet.connect(_virnet_uri(addr)) as client:
+        stream = await client.open_stream(SOURCE, Size(total))
+        cpu0 = cpu_seconds()
+        rec = await count_chunks(stream)
+        cpu = cpu_seconds() - cpu0
+        await stream.finish()
+    if rec["bytes"] != total:
+        raise RuntimeError(f"received {rec['bytes']} of {total} bytes")
+    return {**rec, "cpu": cpu}
+
+
+N_STREAMS = 8
+
+
+async def vn_download_n(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    """N_STREAMS concurrent download streams on one connection, ``total`` bytes in all."""
+    import virnet
+    from _vnstreams import SOURCE, Size, count_chunks
+
+    each = total // N_STREAMS
+    sizes = [each] * (N_STREAMS - 1) + [total - each * (N_STREAMS - 1)]
+    async with await virnet.connect(_virnet_uri(addr)) as client:
+        streams = await asyncio.gather(*(client.open_stream(SOURCE, Size(n)) for n in sizes))
+        cpu0 = cpu_seconds()
+        recs = await asyncio.gather(*(count_chunks(s) for s in streams))
+        cpu = cpu_seconds() - cpu0
+        await asyncio.gather(*(s.finish() for s in streams))
+    got = sum(r["bytes"] for r in recs)
+    if got != total:
+        raise RuntimeError(f"received {got} of {total} bytes")
+    t0 = min(r["t0"] for r in recs)
+    t1 = max(r["t1"] for r in recs)
+    return {
+        "seconds": t1 - t0,
+        "cpu": cpu,
+        "rates": [r["bytes"] / r["seconds"] / 1e9 for r in recs],  # each stream's own GB/s
+        "spans": [[r["t0"] - t0, r["t1"] - t0] for r in recs],
+    }
+
+
+# ------------------------------------------------------------------ FILES via virnetd
+
+
+async def virnetd_server(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    """A real ``Daemon`` (FILES + transfers) with its data root on tmpfs."""
+    from _vnstreams import serve_one_client
+    from virnet.daemon.app import Daemon
+    from virnet.daemon.config import DaemonConfig
+
+    daemon = Daemon(DaemonConfig(listen=[_virnet_uri(addr)], root=opts.root))
+    await daemon.start()
+    print(f"READY {addr}", flush=True)
+    cpu0 = cpu_seconds()  # idle until the client comes: costs nothing
+    await serve_one_client(daemon.server)
+    cpu = cpu_seconds() - cpu0
+    await daemon.stop()
+    return {"cpu": cpu}
+
+
+async def files_upload(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    import virnet
+    from virnet.transfer import upload
+
+    async with await virnet.connect(_virnet_uri(addr)) as client:
+        cpu0 = cpu_seconds()
+        t0 = time.perf_counter()
+        n = await upload(client, opts.local, "up.bin")
+        seconds = time.perf_counter() - t0
+        cpu = cpu_seconds() - cpu0
+    if n != total:
+        raise RuntimeError(f"uploaded {n} of {total} bytes")
+    return {"seconds": seconds, "cpu": cpu}
+
+
+async def files_download(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    import virnet
+    from virnet.transfer import download
+
+    async with await virnet.connect(_virnet_uri(addr)) as client:
+        cpu0 = cpu_seconds()
+        t0 = time.perf_counter()
+        n = await download(client, "down.bin", opts.local)
+        seconds = time.perf_counter() - t0
+        cpu = cpu_seconds() - cpu0
+    os.unlink(opts.local)  # tmpfs is memory
+    if n != total:
+        raise RuntimeError(f"downloaded {n} of {total} bytes")
+    return {"seconds": seconds, "cpu": cpu}
+
+
+# ------------------------------------------------------------------ virnet.libvirt
+
+
+async def vl_download(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    """virnet's libvirt client: STORAGE_VOL_DOWNLOAD from a real libvirtd."""
+    import virnet.libvirt as vl
+    from _vnstreams import count_chunks
+
+    conn = await vl.connect(addr[len("unix:") :], "qemu:///system")
+    async with conn:
+        pool = await conn.lookup_pool(opts.pool)
+        vol = await conn.lookup_volume(pool, opts.vol)
+        cpu0 = cpu_seconds()
+        stream = await conn.download_volume(vol, 0, total)
+        rec = await count_chunks(stream)
+        await stream.finish()
+        cpu = cpu_seconds() - cpu0
+    if rec["bytes"] != total:
+        raise RuntimeError(f"received {rec['bytes']} of {total} bytes")
+    return {**rec, "cpu": cpu}
+
+
+async def vl_upload(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    """virnet's libvirt client: STORAGE_VOL_UPLOAD; timed from the call to the finish."""
+    import virnet.libvirt as vl
+    from _vnstreams import data_block, send_bytes
+
+    block = data_block()
+    conn = await vl.connect(addr[len("unix:") :], "qemu:///system")
+    async with conn:
+        pool = await conn.lookup_pool(opts.pool)
+        vol = await conn.lookup_volume(pool, opts.vol)
+        cpu0 = cpu_seconds()
+        t0 = time.perf_counter()
+        stream = await conn.upload_volume(vol, 0, total)
+        await send_bytes(stream, total, block)
+        await stream.finish()
+        seconds = time.perf_counter() - t0
+        cpu = cpu_seconds() - cpu0
+    return {"seconds": seconds, "cpu": cpu}
+
+
+# ------------------------------------------------------------------ grpcio
+
+GRPC_MSG = 256 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 8 * MiB),
+    ("grpc.max_send_message_length", 8 * MiB),
+]
+
+
+def grpc_server(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    """grpcio (sync API, thread pool), raw bytes (no serializers): Upload is
+    client-streaming, Download server-streaming, 256 KiB messages."""
+    import struct
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    done = threading.Event()
+    result: dict[str, Any] = {}
+
+    def upload(request_iterator: Any, context: Any) -> bytes:
+        perf = time.perf_counter
+        n = 0
+        t0 = t1 = 0.0
+        cpu0 = cpu_seconds()
+        for msg in request_iterator:
+            if n == 0:
+                t0 = perf()
+            n += len(msg)
+            t1 = perf()
+        result.update(bytes=n, seconds=t1 - t0, cpu=cpu_seconds() - cpu0)
+        done.set()
+        return b""
+
+    def download(request: bytes, context: Any) -> Any:
+        (size,) = struct.unpack(">Q", request)
+        block = os.urandom(GRPC_MSG)
+        cpu0 = cpu_seconds()
+        try:
+            left = size
+            while left > 0:
+                k = min(left, GRPC_MSG)
+                yield block if k == GRPC_MSG else block[:k]
+                left -= k
+        finally:
+            result.update(cpu=cpu_seconds() - cpu0)
+            done.set()
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Bench",
+        {
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "Download": grpc.unary_stream_rpc_method_handler(download),
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(addr)  # "unix:/path"
+    server.start()
+    print(f"READY {addr}", flush=True)
+    if not done.wait(timeout=600):
+        raise RuntimeError("no grpc call came")
+    server.stop(grace=5).wait()
+    return result
+
+
+def _grpc_channel(addr: str) -> Any:
+    import grpc
+
+    channel = grpc.insecure_channel(addr, options=GRPC_OPTIONS)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    return channel
+
+
+def grpc_upload(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    channel = _grpc_channel(addr)
+    call = channel.stream_unary("/bench.Bench/Upload")
+    block = os.urandom(GRPC_MSG)
+
+    def messages() -> Any:
+        left = total
+        while left > 0:
+            k = min(left, GRPC_MSG)
+            yield block if k == GRPC_MSG else block[:k]
+            left -= k
+
+    cpu0 = cpu_seconds()
+    call(messages())
+    cpu = cpu_seconds() - cpu0
+    channel.close()
+    return {"cpu": cpu}
+
+
+def grpc_download(addr: str, total: int, opts: Any) -> dict[str, Any]:
+    import struct
+
+    channel = _grpc_channel(addr)
+    call = channel.unary_stream("/bench.Bench/Download")
+    perf = time.perf_counter
+    n = 0
+    t0 = t1 = 0.0
+    cpu0 = cpu_seconds()
+    for msg in call(struct.pack(">Q", total)):
+        if n == 0:
+            t0 = perf()
+        n += len(msg)
+        t1 = perf()
+    cpu = cpu_seconds() - cpu0
+    channel.close()
+    if n != total:
+        raise RuntimeError(f"received {n} of {total} bytes")
+    return {"seconds": t1 - t0, "cpu": cpu}
+
+
+#: Child roles run as coroutines on uvloop: name -> async f(addr, total, opts) -> result.
+ASYNC_ROLES: dict[str, Callable[..., Any]] = {
+    "vn-server": vn_server,
+    "vn-upload": vn_upload,
+    "vn-download": vn_download,
+    "vn-download-n": vn_download_n,
+    "virnetd": virnetd_server,
+    "files-upload": files_upload,
+    "files-download": files_download,
+    "vl-download": vl_download,
+    "vl-upload": vl_upload,
+}
+#: Child roles that are plain functions (grpcio brings its own threads).
+SYNC_ROLES: dict[str, Callable[..., dict[str, Any]]] = {
+    "grpc-server": grpc_server,
+    "grpc-upload": grpc_upload,
+    "grpc-download": grpc_download,
+}
+
+
+def child_main(args: argparse.Namespace) -> None:
     import uvloop
 
-    check_core(core)
-    kind, cls = ROLES[role]
-    run = _serve_receiver if kind == "recv" else _run_sender
-    result = uvloop.run(run(cls, addr, total))
+    role, addr, total = args.child, args.addr, args.bytes
+    check_core(args.core)
+    if role in ROLES:
+        kind, cls = ROLES[role]
+        run = _serve_receiver if kind == "recv" else _run_sender
+        result: Any = uvloop.run(run(cls, addr, total))
+    elif role in ASYNC_ROLES:
+        result = uvloop.run(ASYNC_ROLES[role](addr, total, args))
+    else:
+        result = SYNC_ROLES[role](addr, total, args)
     print(f"RESULT {json.dumps(result)}", flush=True)
 
 
 # ============================================================================ parent side
+
+
+class Skipped(Exception):
+    """A scenario that cannot run on this machine (the reason is printed and kept)."""
+
+
+def _timeout(nbytes: int) -> float:
+    return 60 + nbytes / 20e6  # generous: 20 MB/s is far below anything expected
 
 
 def run_pump(
@@ -315,7 +681,7 @@ def run_pump(
         core=core,
         extra=("--bytes", str(nbytes)),
         results_from=("server", "client"),
-        timeout=60 + nbytes / 20e6,  # generous: 20 MB/s is far below anything expected
+        timeout=_timeout(nbytes),
     )
     recv = json.loads(result["server"])
     send = json.loads(result["client"])
@@ -333,6 +699,348 @@ def pump_scenario(
     return run
 
 
+def stream_scenario(
+    direction: str, *, core: str, tcp: bool = False
+) -> Callable[[int, Path], Transfer]:
+    """virnet client + ``virnet.Server`` with the bench's SINK/SOURCE procedures.
+    ``direction``: "up", "down" or "down-n" (N_STREAMS concurrent downloads)."""
+    client_role = {"up": "vn-upload", "down": "vn-download", "down-n": "vn-download-n"}[direction]
+
+    def run(nbytes: int, workdir: Path) -> Transfer:
+        addr = "tcp:127.0.0.1:0" if tcp else unix_addr(workdir, "vn.sock")
+        res = run_pair(
+            __file__,
+            "vn-server",
+            client_role,
+            addr,
+            core=core,
+            extra=("--bytes", str(nbytes)),
+            results_from=("server", "client"),
+            timeout=_timeout(nbytes),
+        )
+        srv = json.loads(res["server"])
+        cli = json.loads(res["client"])
+        if direction == "up":
+            rec = srv["records"][0]
+            if rec["bytes"] != nbytes:
+                raise RuntimeError(f"server received {rec['bytes']} of {nbytes} bytes")
+            return Transfer(rec["seconds"], {"recv": srv["cpu"], "send": cli["cpu"]})
+        extra: dict[str, Any] = {}
+        if direction == "down-n":
+            rates = cli["rates"]
+            mean = statistics.fmean(rates)
+            extra = {
+                "worst stream vs mean, %": max(abs(r - mean) / mean * 100 for r in rates),
+                "stream rates GB/s": rates,
+                "stream spans s": cli["spans"],
+            }
+        return Transfer(cli["seconds"], {"recv": cli["cpu"], "send": srv["cpu"]}, extra=extra)
+
+    return run
+
+
+class FilesFixture:
+    """Source files for the FILES scenarios on /dev/shm (tmpfs: no disk in the figures)."""
+
+    def __init__(self) -> None:
+        self.dir: Path | None = None
+        self.size = 0
+
+    def prepare(self, size: int) -> Path:
+        if self.dir is None:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self.dir = Path(tempfile.mkdtemp(prefix="virnet-bench-files-", dir=shm))
+            (self.dir / "root").mkdir()
+        if self.size != size:
+            _fill_file(self.dir / "src.bin", size)
+            _fill_file(self.dir / "root" / "down.bin", size)
+            self.size = size
+        return self.dir
+
+    def cleanup(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+def _fill_file(path: Path, size: int, *, truncate: bool = True) -> None:
+    block = os.urandom(8 * MiB)
+    with open(path, "r+b" if not truncate else "wb") as fh:
+        left = size
+        while left > 0:
+            k = min(left, len(block))
+            fh.write(block if k == len(block) else block[:k])
+            left -= k
+
+
+FILES = FilesFixture()
+
+
+def files_scenario(direction: str) -> Callable[[int, Path], Transfer]:
+    """virnet.transfer.upload/download against a real ``Daemon``: end-to-end wall time of
+    the client call (open, data, finish; the daemon's fsync on tmpfs is nearly free)."""
+
+    def run(nbytes: int, workdir: Path) -> Transfer:
+        d = FILES.prepare(nbytes)
+        local = d / ("src.bin" if direction == "up" else "dst.bin")
+        res = run_pair(
+            __file__,
+            "virnetd",
+            "files-upload" if direction == "up" else "files-download",
+            unix_addr(workdir, "vnd.sock"),
+            core="compiled",
+            extra=("--bytes", str(nbytes), "--root", str(d / "root"), "--local", str(local)),
+            results_from=("server", "client"),
+            timeout=_timeout(nbytes),
+        )
+        srv = json.loads(res["server"])
+        cli = json.loads(res["client"])
+        if direction == "up":
+            (d / "root" / "up.bin").unlink(missing_ok=True)
+            return Transfer(cli["seconds"], {"recv": srv["cpu"], "send": cli["cpu"]})
+        return Transfer(cli["seconds"], {"recv": cli["cpu"], "send": srv["cpu"]})
+
+    return run
+
+
+# ------------------------------------------------------------------ libvirt
+
+_LIBVIRT_SCRIPT = r"""
+import json, os, resource, sys, time
+import libvirt
+
+uri, pool_name, vol_name, total, mode = sys.argv[1:6]
+total = int(total)
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+conn = libvirt.open(uri)
+vol = conn.storagePoolLookupByName(pool_name).storageVolLookupByName(vol_name)
+stream = conn.newStream(0)
+perf = time.perf_counter
+if mode == "download":
+    st = {"n": 0, "t0": 0.0, "t1": 0.0}
+
+    def sink(s, buf, o):
+        if o["n"] == 0:
+            o["t0"] = perf()
+        o["n"] += len(buf)
+        o["t1"] = perf()
+        return len(buf)
+
+    cpu0 = cpu()
+    vol.download(stream, 0, total, 0)
+    stream.recvAll(sink, st)
+    stream.finish()
+    c = cpu() - cpu0
+    if st["n"] != total:
+        raise SystemExit("received %d of %d bytes" % (st["n"], total))
+    out = {"seconds": st["t1"] - st["t0"], "cpu": c}
+else:
+    blocks = {}  # one immutable block per size asked for (262120 bytes each time)
+    st = {"left": total}
+
+    def source(s, nbytes, o):
+        k = min(nbytes, o["left"])
+        o["left"] -= k
+        block = blocks.get(k)
+        if block is None:
+            block = blocks[k] = os.urandom(k)
+        return block
+
+    cpu0 = cpu()
+    t0 = perf()
+    vol.upload(stream, 0, total, 0)
+    stream.sendAll(source, st)
+    stream.finish()
+    out = {"seconds": perf() - t0, "cpu": cpu() - cpu0}
+conn.close()
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LibvirtFixture:
+    """A private libvirtd (tests/_libvirtd.py) with a dir pool on /dev/shm and one raw
+    volume, started on first use and kept for the whole run."""
+
+    VOL = "bench.img"
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.pylibvirt_reason: str | None = None
+        self.daemon: Any = None
+        self.pool = ""
+        self.pool_dir: Path | None = None
+        self.size = 0
+
+    def ensure(self, size: int, *, pylibvirt: bool = False) -> Any:
+        if self.daemon is None and self.reason is None:
+            self._start()
+        if self.reason is not None:
+            raise Skipped(self.reason)
+        if pylibvirt:
+            if self.pylibvirt_reason is None:
+                from _libvirtd import SYSTEM_PYTHON, system_python_has_libvirt
+
+                if not system_python_has_libvirt():
+                    self.pylibvirt_reason = f"python3-libvirt not importable by {SYSTEM_PYTHON}"
+                else:
+                    self.pylibvirt_reason = ""
+            if self.pylibvirt_reason:
+                raise Skipped(self.pylibvirt_reason)
+        if self.size != size:
+            assert self.pool_dir is not None
+            if self.size:
+                self.daemon.virsh("vol-delete", self.VOL, "--pool", self.pool)
+            path = self.daemon.create_raw_volume(self.pool, self.VOL, str(size))
+            _fill_file(Path(path), size, truncate=False)  # data, not one big hole
+            self.size = size
+        return self.daemon
+
+    def _start(self) -> None:
+        tests = str(Path(__file__).resolve().parent.parent / "tests")
+        if tests not in sys.path:
+            sys.path.insert(0, tests)
+        try:
+            from _libvirtd import LibvirtDaemon, libvirtd_available
+        except ImportError as exc:
+            self.reason = f"tests/_libvirtd.py not importable: {exc}"
+            return
+        reason = libvirtd_available()
+        if reason:
+            self.reason = reason
+            return
+        try:
+            daemon = LibvirtDaemon().start()
+        except Exception as exc:
+            self.reason = f"libvirtd did not start: {str(exc).splitlines()[0]}"
+            return
+        self.daemon = daemon
+        try:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self.pool_dir = Path(tempfile.mkdtemp(prefix="virnet-bench-pool-", dir=shm))
+            self.pool, _ = daemon.create_dir_pool(target=self.pool_dir)
+        except Exception as exc:
+            self.reason = f"cannot create a dir pool: {str(exc).splitlines()[0]}"
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        if self.daemon is not None:
+            try:
+                if self.size:
+                    self.daemon.virsh("vol-delete", self.VOL, "--pool", self.pool)
+            except Exception:
+                pass
+            self.daemon.cleanup()  # stops exactly this libvirtd, by its pid
+            self.daemon = None
+        if self.pool_dir is not None:
+            shutil.rmtree(self.pool_dir, ignore_errors=True)
+            self.pool_dir = None
+
+
+LIBVIRT = LibvirtFixture()
+
+
+def pylibvirt_scenario(mode: str) -> Callable[[int, Path], Transfer]:
+    """python3-libvirt (the C stack) under /usr/bin/python3 against libvirtd."""
+
+    def run(nbytes: int, workdir: Path) -> Transfer:
+        daemon = LIBVIRT.ensure(nbytes, pylibvirt=True)
+        from _libvirtd import SYSTEM_PYTHON
+
+        cpu0 = _proc_cpu(daemon.pid)
+        r = subprocess.run(
+            [
+                SYSTEM_PYTHON,
+                "-c",
+                _LIBVIRT_SCRIPT,
+                daemon.qemu_uri,
+                LIBVIRT.pool,
+                LIBVIRT.VOL,
+                str(nbytes),
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=_timeout(nbytes),
+            check=False,
+        )
+        daemon_cpu = _proc_cpu(daemon.pid) - cpu0
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+            raise RuntimeError(f"python3-libvirt {mode} failed ({r.returncode}): {tail}")
+        out = next(
+            json.loads(ln[len("RESULT ") :])
+            for ln in r.stdout.splitlines()
+            if ln.startswith("RESULT ")
+        )
+        sides = {"recv": out["cpu"], "send": daemon_cpu}
+        if mode == "upload":
+            sides = {"recv": daemon_cpu, "send": out["cpu"]}
+        return Transfer(out["seconds"], sides)
+
+    return run
+
+
+def vl_scenario(mode: str) -> Callable[[int, Path], Transfer]:
+    """virnet.libvirt (compiled, uvloop) against the same libvirtd."""
+
+    def run(nbytes: int, workdir: Path) -> Transfer:
+        daemon = LIBVIRT.ensure(nbytes)
+        cpu0 = _proc_cpu(daemon.pid)
+        out = json.loads(
+            run_one(
+                __file__,
+                "vl-download" if mode == "download" else "vl-upload",
+                f"unix:{daemon.socket_path}",
+                core="compiled",
+                extra=("--bytes", str(nbytes), "--pool", LIBVIRT.pool, "--vol", LIBVIRT.VOL),
+                timeout=_timeout(nbytes),
+            )
+        )
+        daemon_cpu = _proc_cpu(daemon.pid) - cpu0
+        sides = {"recv": out["cpu"], "send": daemon_cpu}
+        if mode == "upload":
+            sides = {"recv": daemon_cpu, "send": out["cpu"]}
+        return Transfer(out["seconds"], sides)
+
+    return run
+
+
+def grpc_scenario(direction: str) -> Callable[[int, Path], Transfer]:
+    def run(nbytes: int, workdir: Path) -> Transfer:
+        if importlib.util.find_spec("grpc") is None:
+            raise Skipped("grpcio is not installed (pip install grpcio)")
+        res = run_pair(
+            __file__,
+            "grpc-server",
+            "grpc-upload" if direction == "up" else "grpc-download",
+            unix_addr(workdir, "grpc.sock"),
+            core=None,
+            extra=("--bytes", str(nbytes)),
+            results_from=("server", "client"),
+            timeout=_timeout(nbytes),
+        )
+        srv = json.loads(res["server"])
+        cli = json.loads(res["client"])
+        if direction == "up":
+            if srv["bytes"] != nbytes:
+                raise RuntimeError(f"server received {srv['bytes']} of {nbytes} bytes")
+            return Transfer(srv["seconds"], {"recv": srv["cpu"], "send": cli["cpu"]})
+        return Transfer(cli["seconds"], {"recv": cli["cpu"], "send": srv["cpu"]})
+
+    return run
+
+
 @dataclass
 class Transfer:
     """What one run of a scenario reports: wall seconds for the volume, and optionally
@@ -341,6 +1049,7 @@ class Transfer:
     seconds: float
     cpu: dict[str, float] = field(default_factory=dict)
     reads: int | None = None  # socket reads on the receiving side, if known
+    extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific figures
 
 
 @dataclass
@@ -348,10 +1057,19 @@ class Scenario:
     name: str
     run: Callable[[int, Path], Transfer]  # moves nbytes in its own processes
     anchor: bool = False
+    cap: int | None = None  # at most this volume per transfer (tmpfs, slow peers)
     samples: list[float] = field(default_factory=list)  # GB/s per repetition
+    rounds: list[int] = field(default_factory=list)  # the round of each sample
     cpu: dict[str, list[float]] = field(default_factory=dict)  # side -> CPU s per GiB
     read_sizes: list[float] = field(default_factory=list)  # mean KiB per receiver read
+    extras: dict[str, list[Any]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    skipped: str | None = None
 
+
+CAP = 2 * GiB  # libvirt, FILES and grpcio: 2 GiB like anchors.md (and tmpfs is memory)
+ONE_DOWN = "virnet download, compiled, unix"
+N_DOWN = f"virnet {N_STREAMS} streams down, compiled, unix"
 
 SCENARIOS: list[Scenario] = [
     Scenario("raw uvloop pump, unix", pump_scenario("raw-recv", "raw-send"), anchor=True),
@@ -363,16 +1081,88 @@ SCENARIOS: list[Scenario] = [
         "virnet framing, pure, unix",
         pump_scenario("framed-recv", "framed-send", core="pure"),
     ),
+    Scenario("virnet upload, compiled, unix", stream_scenario("up", core="compiled")),
+    Scenario(ONE_DOWN, stream_scenario("down", core="compiled")),
+    Scenario("virnet upload, pure, unix", stream_scenario("up", core="pure")),
+    Scenario("virnet download, pure, unix", stream_scenario("down", core="pure")),
+    Scenario(N_DOWN, stream_scenario("down-n", core="compiled")),
     Scenario("raw uvloop pump, tcp", pump_scenario("raw-recv", "raw-send", tcp=True)),
     Scenario(
         "virnet framing, compiled, tcp",
         pump_scenario("framed-recv", "framed-send", tcp=True, core="compiled"),
     ),
-    # Extension points (add when they exist; never list placeholders):
-    #   "virnet upload, compiled|pure", "virnet download, compiled|pure",
-    #   "virnet 8 concurrent streams", "virnet upload/download, tcp",
-    #   "libvirt vol-upload / vol-download" (python3-libvirt + libvirtd), "grpcio streaming".
+    Scenario("virnet upload, compiled, tcp", stream_scenario("up", core="compiled", tcp=True)),
+    Scenario("virnet download, compiled, tcp", stream_scenario("down", core="compiled", tcp=True)),
+    Scenario("virnet FILES upload via virnetd, compiled, unix", files_scenario("up"), cap=CAP),
+    Scenario("virnet FILES download via virnetd, compiled, unix", files_scenario("down"), cap=CAP),
+    Scenario(
+        "libvirt vol-download (python3-libvirt recvAll)",
+        pylibvirt_scenario("download"),
+        cap=CAP,
+    ),
+    Scenario("libvirt vol-upload (python3-libvirt sendAll)", pylibvirt_scenario("upload"), cap=CAP),
+    Scenario("virnet.libvirt vol-download, compiled", vl_scenario("download"), cap=CAP),
+    Scenario("virnet.libvirt vol-upload, compiled", vl_scenario("upload"), cap=CAP),
+    Scenario("grpcio upload (client-streaming), 256 KiB msgs, unix", grpc_scenario("up"), cap=CAP),
+    Scenario(
+        "grpcio download (server-streaming), 256 KiB msgs, unix", grpc_scenario("down"), cap=CAP
+    ),
 ]
+
+#: Targets (from the issue): scenario -> (figure, comparison, goal).  "ratio" is the ratio
+#: to the raw pump in the same run.
+TARGETS: list[tuple[str, str, str, float]] = [
+    ("virnet upload, compiled, unix", "ratio to anchor", ">=", 0.70),
+    (ONE_DOWN, "ratio to anchor", ">=", 0.70),
+    ("virnet upload, pure, unix", "ratio to anchor", ">=", 0.35),
+    ("virnet download, pure, unix", "ratio to anchor", ">=", 0.35),
+    (f"{N_DOWN}: aggregate vs one stream", "value", ">=", 0.90),
+    (f"{N_DOWN}: worst stream vs mean", "value", "<=", 20.0),
+]
+
+
+def _short(text: str, n: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def paired_ratios(sc: Scenario, ref: Scenario) -> list[float]:
+    """``sc``'s sample over ``ref``'s sample of the same round, for every round both
+    have: less sensitive than a ratio of medians to load that changes between rounds."""
+    by_round = dict(zip(ref.rounds, ref.samples, strict=True))
+    return [v / by_round[r] for r, v in zip(sc.rounds, sc.samples, strict=True) if r in by_round]
+
+
+def _verdict(value: float | None, op: str, goal: float) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= goal if op == ">=" else value <= goal
+    gap = abs(value - goal)
+    return "met" if met else f"missed by {gap:.3f} ({gap / goal * 100:.1f} %)"
+
+
+def check_targets(
+    targets: list[tuple[str, str, str, float]],
+    found: dict[str, dict[str, Any]],
+    paired: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Rows of target, measured value, met or missed (and by how much); the verdict is
+    on the ratio of medians, the median of per-round ratios is shown beside it."""
+    rows = []
+    for name, key, op, goal in targets:
+        entry = found.get(name)
+        value = None if entry is None else entry.get("ratio" if key != "value" else "value")
+        pvalue = paired.get(name) if key != "value" or name.endswith("one stream") else None
+        rows.append(
+            {
+                "target": f"{name}: {key} {op} {goal:g}",
+                "measured": "-" if value is None else f"{value:.2f}",
+                "verdict": _verdict(value, op, goal),
+                "paired": "-" if pvalue is None else f"{pvalue:.2f}",
+                "paired verdict": "-" if pvalue is None else _verdict(pvalue, op, goal),
+            }
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,10 +1175,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--addr", help=argparse.SUPPRESS)
     ap.add_argument("--core", choices=["compiled", "pure"], help=argparse.SUPPRESS)
+    for opt in ("--root", "--local", "--pool", "--vol"):
+        ap.add_argument(opt, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
-        child_main(args.child, args.addr, args.bytes, args.core)
+        child_main(args)
         return 0
 
     nbytes = args.bytes or (512 * MiB if args.quick else 4 * GiB)
@@ -398,31 +1190,54 @@ def main(argv: list[str] | None = None) -> int:
     ]
     info = machine_info()
     print(
-        f"throughput: {nbytes / MiB:.0f} MiB per transfer, {repeat} repetitions, "
-        f"{len(scenarios)} scenarios; {info}",
+        f"throughput: {nbytes / MiB:.0f} MiB per transfer (at most {CAP / MiB:.0f} MiB for "
+        f"FILES, libvirt, grpcio), {repeat} repetitions, {len(scenarios)} scenarios; {info}",
         flush=True,
     )
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="virnet-bench-") as tmp:
-        for rep in range(repeat):
-            for sc in scenarios:
-                t = sc.run(nbytes, Path(tmp))
-                sc.samples.append(nbytes / t.seconds / 1e9)
-                for side, secs in t.cpu.items():
-                    sc.cpu.setdefault(side, []).append(secs / (nbytes / GiB))
-                if t.reads:
-                    sc.read_sizes.append(nbytes / t.reads / 1024)
-                cpu = ", ".join(f"{k} CPU {v[-1]:.2f} s/GiB" for k, v in sc.cpu.items())
-                print(
-                    f"  [{rep + 1}/{repeat}] {sc.name}: {sc.samples[-1]:.2f} GB/s ({cpu})",
-                    flush=True,
-                )
+    try:
+        with tempfile.TemporaryDirectory(prefix="virnet-bench-") as tmp:
+            for rep in range(repeat):
+                for sc in scenarios:
+                    if sc.skipped is not None:
+                        continue
+                    vol = min(nbytes, sc.cap) if sc.cap else nbytes
+                    try:
+                        t = sc.run(vol, Path(tmp))
+                    except Skipped as exc:
+                        sc.skipped = str(exc)
+                        print(f"  {sc.name}: skipped: {exc}", flush=True)
+                        continue
+                    except Exception as exc:  # recorded as failed, the run goes on
+                        sc.failures.append(f"{type(exc).__name__}: {exc}")
+                        print(
+                            f"  [{rep + 1}/{repeat}] {sc.name}: FAILED: {sc.failures[-1]}",
+                            flush=True,
+                        )
+                        continue
+                    sc.samples.append(vol / t.seconds / 1e9)
+                    sc.rounds.append(rep)
+                    for side, secs in t.cpu.items():
+                        sc.cpu.setdefault(side, []).append(secs / (vol / GiB))
+                    if t.reads:
+                        sc.read_sizes.append(vol / t.reads / 1024)
+                    for key, value in t.extra.items():
+                        sc.extras.setdefault(key, []).append(value)
+                    cpu = ", ".join(f"{k} CPU {v[-1]:.2f} s/GiB" for k, v in sc.cpu.items())
+                    print(
+                        f"  [{rep + 1}/{repeat}] {sc.name}: {sc.samples[-1]:.2f} GB/s ({cpu})",
+                        flush=True,
+                    )
+    finally:
+        LIBVIRT.cleanup()
+        FILES.cleanup()
     wall = time.perf_counter() - started
     consistent = check_sources_unchanged(info)
 
-    anchor = next((s for s in scenarios if s.anchor), None)
+    anchor = next((s for s in scenarios if s.anchor and s.samples), None)
     anchor_median = statistics.median(anchor.samples) if anchor else None
-    results = []
+    results: list[dict[str, Any]] = []
+    paired: dict[str, float] = {}  # name -> median of per-round ratios
     rows = []
 
     def cpu_median(sc: Scenario, side: str) -> str:
@@ -430,47 +1245,146 @@ def main(argv: list[str] | None = None) -> int:
         return f"{statistics.median(values):.3f}" if values else "-"
 
     for sc in scenarios:
+        vol = min(nbytes, sc.cap) if sc.cap else nbytes
+        if not sc.samples:
+            why = f"skipped: {sc.skipped}" if sc.skipped else f"FAILED: {sc.failures[-1]}"
+            rows.append(
+                {
+                    "scenario": sc.name,
+                    "MiB": f"{vol / MiB:.0f}",
+                    "GB/s (median)": _short(why),
+                    "min..max": "-",
+                    "ratio to anchor": "-",
+                    "paired ratio": "-",
+                    "recv CPU s/GiB": "-",
+                    "send CPU s/GiB": "-",
+                    "KiB/read": "-",
+                }
+            )
+            continue
         med = statistics.median(sc.samples)
         ratio = med / anchor_median if anchor_median else None
         results.append({"name": sc.name, "value": round(med, 4), "unit": "GB/s", "ratio": ratio})
+        pr = paired_ratios(sc, anchor) if anchor is not None else []
+        if pr:
+            paired[sc.name] = statistics.median(pr)
+        failed = f" ({len(sc.failures)} failed)" if sc.failures else ""
         rows.append(
             {
-                "scenario": sc.name,
+                "scenario": sc.name + failed,
+                "MiB": f"{vol / MiB:.0f}",
                 "GB/s (median)": f"{med:.2f}",
                 "min..max": f"{min(sc.samples):.2f}..{max(sc.samples):.2f}",
                 "ratio to anchor": f"{ratio:.2f}" if ratio is not None else "-",
+                "paired ratio": f"{paired[sc.name]:.2f}" if sc.name in paired else "-",
                 "recv CPU s/GiB": cpu_median(sc, "recv"),
                 "send CPU s/GiB": cpu_median(sc, "send"),
                 "KiB/read": (f"{statistics.median(sc.read_sizes):.0f}" if sc.read_sizes else "-"),
             }
         )
+    columns = [
+        "scenario",
+        "MiB",
+        "GB/s (median)",
+        "min..max",
+        "ratio to anchor",
+        "paired ratio",
+        "recv CPU s/GiB",
+        "send CPU s/GiB",
+        "KiB/read",
+    ]
     print_table(
         f"throughput, {nbytes / MiB:.0f} MiB x {repeat}, wall {wall:.0f} s "
-        "(CPU: median user+sys seconds per GiB moved, per side; KiB/read: receiver's mean "
-        "bytes per socket read)",
+        "(ratio: of medians; paired: median of per-round ratios; CPU: median user+sys "
+        "seconds per GiB moved, per side; KiB/read: receiver's mean bytes per socket read)",
         rows,
-        [
-            "scenario",
-            "GB/s (median)",
-            "min..max",
-            "ratio to anchor",
-            "recv CPU s/GiB",
-            "send CPU s/GiB",
-            "KiB/read",
-        ],
+        columns,
+    )
+
+    # Derived figures of the concurrent streams, against one stream in the same run.
+    by_name = {s.name: s for s in scenarios}
+    multi = by_name.get(N_DOWN)
+    one = by_name.get(ONE_DOWN)
+    derived_rows = []
+    if multi is not None and multi.samples:
+        if one is not None and one.samples:
+            agg = statistics.median(multi.samples) / statistics.median(one.samples)
+            per_round = paired_ratios(multi, one)
+            paired[f"{N_DOWN}: aggregate vs one stream"] = statistics.median(per_round)
+            results.append(
+                {
+                    "name": f"{N_DOWN}: aggregate vs one stream",
+                    "value": round(agg, 4),
+                    "unit": "x",
+                    "ratio": None,
+                }
+            )
+            derived_rows.append(
+                {
+                    "figure": f"{N_DOWN}: aggregate vs one stream (ratio of medians; "
+                    "per round: same-round ratios)",
+                    "value": f"{agg:.2f}x",
+                    "per round": ", ".join(f"{r:.2f}" for r in per_round),
+                }
+            )
+        devs = multi.extras.get("worst stream vs mean, %", [])
+        if devs:
+            worst = statistics.median(devs)
+            results.append(
+                {
+                    "name": f"{N_DOWN}: worst stream vs mean",
+                    "value": round(worst, 2),
+                    "unit": "%",
+                    "ratio": None,
+                }
+            )
+            derived_rows.append(
+                {
+                    "figure": f"{N_DOWN}: worst stream's rate vs the mean of {N_STREAMS} (median)",
+                    "value": f"{worst:.1f} %",
+                    "per round": ", ".join(f"{d:.1f}" for d in devs),
+                }
+            )
+            last = multi.extras["stream rates GB/s"][-1]
+            derived_rows.append(
+                {
+                    "figure": f"{N_DOWN}: per-stream GB/s, last round",
+                    "value": f"mean {statistics.fmean(last):.3f}",
+                    "per round": ", ".join(f"{r:.3f}" for r in last),
+                }
+            )
+    if derived_rows:
+        print_table(
+            f"{N_STREAMS} concurrent download streams on one connection",
+            derived_rows,
+            ["figure", "value", "per round"],
+        )
+    found = {r["name"]: r for r in results}
+    target_rows = check_targets(TARGETS, found, paired)
+    print_table(
+        "targets (ratios within this run)",
+        target_rows,
+        ["target", "measured", "verdict", "paired", "paired verdict"],
     )
     if args.json:
         doc = {
             "scenarios": results,
             "meta": {
                 "bytes": nbytes,
+                "cap_bytes": CAP,
                 "repeat": repeat,
                 "wall_s": wall,
                 "sources_unchanged": consistent,
                 "machine": info,
                 "samples": {s.name: s.samples for s in scenarios},
+                "rounds": {s.name: s.rounds for s in scenarios},
+                "paired_ratio": paired,
                 "cpu_s_per_GiB": {s.name: s.cpu for s in scenarios},
                 "recv_KiB_per_read": {s.name: s.read_sizes for s in scenarios},
+                "extras": {s.name: s.extras for s in scenarios if s.extras},
+                "failed": {s.name: s.failures for s in scenarios if s.failures},
+                "skipped": {s.name: s.skipped for s in scenarios if s.skipped},
+                "targets": target_rows,
             },
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
