@@ -5,6 +5,7 @@ the event loop never waits on a disk but pays one thread hop per batch, not per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -64,42 +65,74 @@ async def read_blocks(fd: int, start: int, length: int) -> AsyncIterator[bytes]:
 
 
 class BatchWriter:
-    """Collects received chunks and writes them with ``pwritev`` in a thread, ~1 MiB at
-    a time; ``skip()`` leaves a hole by moving the position."""
+    """Writes received chunks to a file in ~1 MiB batches from a worker thread.
+
+    Chunks are copied into one of two batch buffers, so the receive buffers they came in
+    are free again at once (holding them until the disk write would exhaust the
+    decoder's buffer pool), and one batch is written while the next one fills: the disk
+    and the socket work at the same time.  ``skip()`` leaves a hole by moving the
+    position.  ``aclose()`` must be awaited before the file descriptor is closed.
+    """
 
     def __init__(self, fd: int, offset: int = 0) -> None:
         self.fd = fd
-        self.pos = offset
-        self._batch: list[bytes | memoryview] = []
-        self._batch_bytes = 0
+        self.pos = offset  # file offset of the first byte of the batch being filled
+        self._buffers = (bytearray(IO_BATCH), bytearray(IO_BATCH))
+        self._current = 0
+        self._fill = 0
+        self._pending: asyncio.Future[None] | None = None
+
+    @property
+    def end(self) -> int:
+        """File offset just past everything written or queued so far."""
+        return self.pos + self._fill
 
     async def write(self, chunk: bytes | memoryview) -> None:
-        self._batch.append(chunk)
-        self._batch_bytes += len(chunk)
-        if self._batch_bytes >= IO_BATCH:
-            await self.flush()
+        view = memoryview(chunk).cast("B")
+        while view:
+            n = min(len(view), IO_BATCH - self._fill)
+            self._buffers[self._current][self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == IO_BATCH:
+                await self._submit()
 
     async def skip(self, length: int) -> None:
         await self.flush()
         self.pos += length
 
+    async def _submit(self) -> None:
+        await self._wait_pending()
+        data = memoryview(self._buffers[self._current])[: self._fill]
+        self._pending = asyncio.ensure_future(
+            asyncio.to_thread(_pwrite_all, self.fd, data, self.pos)
+        )
+        self.pos += self._fill
+        self._fill = 0
+        self._current ^= 1  # that buffer's previous write finished in _wait_pending
+
+    async def _wait_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
     async def flush(self) -> None:
-        if not self._batch:
-            return
-        batch, n, at = self._batch, self._batch_bytes, self.pos
-        self._batch = []
-        self._batch_bytes = 0
-        await asyncio.to_thread(_pwritev_all, self.fd, batch, at)
-        self.pos = at + n
+        """Write everything queued; raises the first write error."""
+        if self._fill:
+            await self._submit()
+        await self._wait_pending()
+
+    async def aclose(self) -> None:
+        """Wait for a write still in flight (errors are dropped: the caller is already
+        failing), so the descriptor is never closed under a worker thread."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
 
 
-def _pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
-    views = [memoryview(b) for b in buffers]
-    while views:
-        n = os.pwritev(fd, views[: min(len(views), 1024)], offset)
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
         offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n and views:
-            views[0] = views[0][n:]
+        data = data[n:]

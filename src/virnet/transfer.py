@@ -119,6 +119,7 @@ async def download(
     parent = os.path.dirname(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".part", dir=parent)
     committed = False
+    writer = BatchWriter(fd)
     try:
         try:
             mode = stat.S_IMODE(os.stat(target).st_mode)  # keep an existing file's mode
@@ -130,7 +131,6 @@ async def download(
         stream = await client.open_stream(f.DOWNLOAD, args, sparse=sparse)
         if on_size:
             on_size(stream.reply.size)
-        writer = BatchWriter(fd)
         done = await _receive(stream, None, writer, progress)
         await writer.flush()
         if os.fstat(fd).st_size != writer.pos:
@@ -139,6 +139,7 @@ async def download(
         committed = True
         return done
     finally:
+        await writer.aclose()
         os.close(fd)
         if not committed:
             with contextlib.suppress(FileNotFoundError):

@@ -88,11 +88,11 @@ class TransferService:
         except OSError as exc:
             raise system_error(exc, f"create a temporary file for {wire_path!r}") from None
         committed = False
+        writer = BatchWriter(fd)
         try:
             regular = old is not None and stat.S_ISREG(old.st_mode)
             os.fchmod(fd, stat.S_IMODE(old.st_mode) if old is not None and regular else 0o644)
             stream = ctx.accept_stream(sparse=sparse)
-            writer = BatchWriter(fd)
             async for item in stream:
                 if isinstance(item, Hole):
                     await writer.skip(item.length)
@@ -114,6 +114,7 @@ class TransferService:
         except OSError as exc:
             raise system_error(exc, f"write {wire_path!r}") from None
         finally:
+            await writer.aclose()
             os.close(fd)
             if not committed:
                 with contextlib.suppress(FileNotFoundError):
@@ -127,11 +128,11 @@ class TransferService:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise system_error(exc, f"open {args.path!r} for writing") from None
+        writer = BatchWriter(fd, args.offset)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise _arg_error(f"{args.path!r} is not a regular file")
             stream = ctx.accept_stream(sparse=sparse)
-            writer = BatchWriter(fd, args.offset)
             want = args.length
             got = 0
             async for item in stream:
@@ -160,6 +161,7 @@ class TransferService:
         except OSError as exc:
             raise system_error(exc, f"write {args.path!r}") from None
         finally:
+            await writer.aclose()
             os.close(fd)
 
     # ------------------------------------------------------------------ download
