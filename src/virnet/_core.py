@@ -98,9 +98,6 @@ class Keepalive:
         self.missed = 0
         self.seen = False
 
-    def received(self) -> None:
-        self.seen = True
-
     def tick(self) -> KeepaliveAction:
         if self.seen:
             self.seen = False
@@ -318,9 +315,6 @@ class ConnectionCore:
         self._pending[serial] = (prog, vers, proc)
         self.queue_urgent(encode_message(prog, vers, proc, _CALL, serial, _OK, payload))
         return serial
-
-    def pending_calls(self) -> list[int]:
-        return list(self._pending)
 
     def send_reply(
         self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer

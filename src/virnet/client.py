@@ -196,7 +196,7 @@ class Client:
             raise TypeError(f"{procedure!r} does not carry a stream")
         proto = self._proto
         prog = procedure.program
-        payload = xdr.encode(procedure.args, args)
+        payload = procedure.encode_args(args)
         serial = proto.allocate_serial()
         direction = procedure.stream
         stream = Stream(
@@ -214,7 +214,7 @@ class Client:
             data = await self.call_raw(
                 prog.number, prog.version, procedure.number, payload, timeout, serial=serial
             )
-            stream.reply = xdr.decode(procedure.ret, data)
+            stream.reply = procedure.decode_ret(data)
         except BaseException as exc:
             proto.streams.pop(stream.key, None)
             stream.state = StreamState.FAILED

@@ -90,7 +90,7 @@ class CallContext:
                 code=ErrorCode.OPERATION_FAILED,
                 domain=ErrorDomain.STREAMS,
             )
-        payload = xdr.encode(proc.ret, reply)
+        payload = proc.encode_ret(reply)
         prog = proc.program
         stream = Stream(
             conn,
@@ -267,7 +267,7 @@ class ServerConnection(RPCProtocol):
             )
             return
         try:
-            args = xdr.decode(proc.args, msg.payload)
+            args = proc.decode_args(msg.payload)
         except XdrError as exc:
             self.reply_error(
                 msg,
@@ -282,7 +282,7 @@ class ServerConnection(RPCProtocol):
         try:
             result = await reg.handler(ctx, args)
             if proc.stream is None:
-                payload = xdr.encode(proc.ret, result)
+                payload = proc.encode_ret(result)
             elif ctx.stream is None:
                 raise RuntimeError("stream handler returned without accepting its stream")
         except RPCError as exc:
