@@ -33,7 +33,7 @@ from _rpcutil import (
     short_tmpdir,
     sock_uri,
 )
-from virnet import _impl, protocol, xdr
+from virnet import _impl, _protocol, protocol, xdr
 from virnet.constants import STREAM_CHUNK
 from virnet.errors import ErrorCode, RPCError, StreamError
 from virnet.stream import Hole, StreamEvent, StreamState
@@ -595,3 +595,95 @@ async def test_download_data_before_the_reply_is_kept() -> None:
         srv.close()
         await srv.wait_closed()
         remove_tree(tmp)
+
+
+# ---------------------------------------------------------------- calls beside bulk data
+
+
+def _limits(proto: object) -> tuple[int, int]:
+    transport = proto.transport  # type: ignore[attr-defined]
+    assert transport is not None
+    low, high = transport.get_write_buffer_limits()
+    return low, high
+
+
+BULK_LIMITS = (_protocol.WRITE_LOW_WATER, _protocol.WRITE_HIGH_WATER)
+LEAN_LIMITS = (_protocol.LEAN_LOW_WATER, _protocol.LEAN_HIGH_WATER)
+
+
+async def test_calls_make_both_ends_lean(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a call each end keeps almost no stream data in flight: nothing buffered in
+    the transport, packets of at most LEAN_PACKET_LIMIT.  Setting up a connection or a
+    stream does not count as a call."""
+    monkeypatch.setattr(_protocol, "LEAN_HOLD", 60.0)
+    async with await virnet.connect(env.uri) as c:
+        (conn,) = env.server.connections
+        bulk = await c.open_stream(SOURCE, StreamArgs(STREAM_CHUNK + 1, 30, MODE_NORMAL))
+        assert _limits(c.protocol) == BULK_LIMITS
+        assert _limits(conn) == BULK_LIMITS
+        assert await bulk.recv_all(bytearray().extend) == STREAM_CHUNK + 1
+        await bulk.finish()
+
+        assert (await c.call(ECHO, EchoArgs("abc", 0, 1))).n == 2
+        assert _limits(c.protocol) == LEAN_LIMITS
+        assert _limits(conn) == LEAN_LIMITS
+        size = 3 * STREAM_CHUNK + 7
+        down = await c.open_stream(SOURCE, StreamArgs(size, 31, MODE_NORMAL))
+        sizes = []
+        got = bytearray()
+        async for chunk in down:
+            sizes.append(len(chunk))
+            got += chunk
+        await down.finish()
+        up = await c.open_stream(SINK, StreamArgs(size, 32, MODE_NORMAL))
+        await up.send(pattern(size, 32))
+        await up.finish()
+    assert bytes(got) == pattern(size, 31)
+    assert max(sizes) == _protocol.LEAN_PACKET_LIMIT
+    assert env.streams.received[32] == pattern(size, 32)
+    server_stream = env.streams.streams[-1]
+    assert server_stream.bytes_received == size
+
+
+async def test_lean_mode_ends_after_the_hold(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_protocol, "LEAN_HOLD", 0.0)
+    async with await virnet.connect(env.uri) as c:
+        (conn,) = env.server.connections
+        await c.call(ECHO, EchoArgs("abc", 0, 1))  # lean until its own flush, no longer
+        assert _limits(c.protocol) == BULK_LIMITS
+        assert _limits(conn) == BULK_LIMITS
+        st = await c.open_stream(SOURCE, StreamArgs(2 * STREAM_CHUNK, 33, MODE_NORMAL))
+        sizes = [len(chunk) async for chunk in st]
+        await st.finish()
+    assert max(sizes) == STREAM_CHUNK
+
+
+async def test_calls_beside_a_saturating_download(env: Env) -> None:
+    """Calls keep completing while one download runs flat out on the same connection;
+    every byte arrives and reading is never left paused afterwards."""
+    size = 48 * 1024 * 1024
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(SOURCE, StreamArgs(size, 34, MODE_NORMAL))
+        digest = hashlib.sha256()
+        total = 0
+
+        async def consume() -> None:
+            nonlocal total
+            async for chunk in st:
+                digest.update(chunk)
+                total += len(chunk)
+            await st.finish()
+
+        reader = asyncio.create_task(consume())
+        n = 0
+        while not reader.done():
+            reply = await c.call(ECHO, EchoArgs("beside", 0, n))
+            assert reply.n == n + 1
+            n += 1
+        await reader
+        assert total == size
+        assert digest.digest() == hashlib.sha256(pattern(size, 34)).digest()
+        assert n > 0
+        proto = c.protocol
+        assert not proto._read_pausers and not proto._reading_paused
+        assert (await c.call(ECHO, EchoArgs("after", 0, 7))).n == 8

@@ -34,6 +34,7 @@ from .constants import (
     KEEPALIVE_PROGRAM,
     KEEPALIVE_VERSION,
     MAX_MESSAGE,
+    STREAM_CHUNK,
     MessageStatus,
     MessageType,
 )
@@ -70,6 +71,8 @@ class StreamEndpoint(Protocol):
     """What the core routes STREAM, STREAM_HOLE and CREDIT packets to."""
 
     def on_packet(self, msg: Message) -> None: ...
+
+    def next_packet(self, limit: int) -> tuple[list[Buffer], int, bool] | None: ...
 
     def on_credit(self, amount: int) -> None: ...
 
@@ -259,9 +262,12 @@ class ConnectionCore:
 
     # ------------------------------------------------------------------ bytes out
     def queue_urgent(self, buffers: list[Buffer]) -> None:
-        was_idle = not self._urgent and not self._ready
+        # Notify on every empty -> non-empty change, even with stream data pending: the
+        # glue may be holding stream data back (transport full) but must still write
+        # urgent packets now, so they queue behind as little data as possible.
+        was_empty = not self._urgent
         self._urgent.extend(buffers)
-        if was_idle:
+        if was_empty:
             self.on_output()
 
     def mark_ready(self, endpoint: Any) -> None:
@@ -274,12 +280,13 @@ class ConnectionCore:
     def has_output(self) -> bool:
         return bool(self._urgent or self._ready)
 
-    def take_output(self, budget: int) -> list[Buffer]:
+    def take_output(self, budget: int, packet_limit: int = STREAM_CHUNK) -> list[Buffer]:
         """Buffers to write now: every urgent packet, then stream packets round-robin
-        (one packet per ready stream per turn) until about ``budget`` bytes are taken.
+        (one packet per ready stream per turn) until about ``budget`` bytes are taken,
+        each packet carrying at most ``packet_limit`` payload bytes.
 
-        An endpoint's ``next_packet()`` returns ``(buffers, nbytes, more)``, or ``None``
-        when it has nothing to send after all (for example no credit left).
+        An endpoint's ``next_packet(limit)`` returns ``(buffers, nbytes, more)``, or
+        ``None`` when it has nothing to send after all (for example no credit left).
         """
         out = self._urgent
         self._urgent = []
@@ -287,7 +294,7 @@ class ConnectionCore:
         taken = 0
         while ready and taken < budget:
             endpoint = ready.popleft()
-            item = endpoint.next_packet()
+            item = endpoint.next_packet(packet_limit)
             if item is None:
                 continue
             buffers, nbytes, more = item

@@ -5,6 +5,13 @@ The transport receives straight into the core's buffers (``get_buffer`` /
 written once per loop iteration with ``writelines`` (header and payload stay separate
 buffers).  ``pause_writing`` stops pulling stream data; calls and replies still go out,
 they are small.  Keepalive ticks come from ``loop.call_later``.
+
+Bulk versus interactive: a call or reply can only overtake stream data that is still in
+our own queue; whatever already sits in the transport's buffer or the socket goes first.
+Bulk throughput wants plenty there (the socket never runs dry between flushes), latency
+wants almost nothing.  So a connection runs *lean* for ``LEAN_HOLD`` seconds after each
+call, reply or event it sends: no stream data is added while the transport still holds
+any, one packet at a time.  Without calls it runs with the bulk limits.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import socket
 from typing import cast
 
 from ._core import Buffer, ConnectionCore, KeepaliveAction
-from .constants import MAX_MESSAGE
+from .constants import MAX_MESSAGE, STREAM_CHUNK
 from .errors import ConnectionClosedError, ProtocolError
 
 log = logging.getLogger("virnet")
@@ -27,6 +34,19 @@ FLUSH_BUDGET = 2 * 262144
 #: between flushes, small enough to bound memory per connection.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+#: Seconds a connection stays lean after it sent a call, reply or event: calls tend to
+#: come in runs (a client's next call follows its last reply), so keep the path clear.
+LEAN_HOLD = 0.2
+#: While lean: stream payload per flush and per packet, and the transport limits
+#: (nothing buffered).  Smaller packets leave less in the transport when the socket
+#: takes only part of one.
+LEAN_FLUSH_BUDGET = 64 * 1024
+LEAN_PACKET_LIMIT = 64 * 1024
+LEAN_HIGH_WATER = 0
+LEAN_LOW_WATER = 0
+
+
+_YIELD = "yield to a woken task"  # a hold_reading reason
 
 
 class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
@@ -57,8 +77,14 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self._flush_handle: asyncio.Handle | None = None
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._write_paused = False
+        self._lean_until = 0.0  # loop time until which the connection stays lean; 0: bulk
         self._reading_paused = False
         self._read_pausers: set[object] = set()  # why reading is paused (bounded memory)
+        self._read_size = 0  # size of the buffer last handed to the transport
+        #: A call, reply or event arrived in this read: let its task run before more
+        #: bulk data is read (see ``buffer_updated``).
+        self.yield_read = False
+        self._yielding = False
         self.close_exc: BaseException | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
 
@@ -81,13 +107,35 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             ConnectionCore.buffer_updated(self, nbytes)
         except ProtocolError as exc:
             self.abort_connection(exc)
+            return
+        if self.yield_read:
+            self.yield_read = False
+            if nbytes == self._read_size:
+                self._yield_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         try:
-            return self.decoder.get_buffer(sizehint)
+            buf = self.decoder.get_buffer(sizehint)
         except ProtocolError:
             # Already failed and closing; give the transport somewhere harmless to write.
             return memoryview(bytearray(65536))
+        self._read_size = len(buf)
+        return buf
+
+    def _yield_reading(self) -> None:
+        """The read filled its buffer, so the transport would read again at once, and
+        with a bulk stream behind it could go on for dozens of packets before the task
+        just woken by a call, reply or event runs.  Pause reading until the next loop
+        iteration, after that task."""
+        if self._yielding or self.transport is None:
+            return
+        self._yielding = True
+        self.hold_reading(_YIELD, True)
+        self.loop.call_soon(self._end_yield)
+
+    def _end_yield(self) -> None:
+        self._yielding = False
+        self.hold_reading(_YIELD, False)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport
@@ -183,12 +231,31 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             self._flush_handle.cancel()
             self._flush()
 
+    def note_interactive(self) -> None:
+        """A call, reply or event was queued: run lean for the next ``LEAN_HOLD`` s."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not self._lean_until:
+            # May pause writing at once: stream data already buffered is enough.
+            transport.set_write_buffer_limits(high=LEAN_HIGH_WATER, low=LEAN_LOW_WATER)
+        self._lean_until = self.loop.time() + LEAN_HOLD
+
     def _flush(self) -> None:
         self._flush_handle = None
         transport = self.transport
         if transport is None:
             return
-        out: list[Buffer] = self.take_output(0 if self._write_paused else FLUSH_BUDGET)
+        budget = FLUSH_BUDGET
+        packet_limit = STREAM_CHUNK
+        if self._lean_until:
+            if self.loop.time() < self._lean_until:
+                budget = LEAN_FLUSH_BUDGET
+                packet_limit = LEAN_PACKET_LIMIT
+            else:
+                self._lean_until = 0.0
+                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        out: list[Buffer] = self.take_output(0 if self._write_paused else budget, packet_limit)
         if out:
             transport.writelines(out)
         if self.has_output() and not self._write_paused:
@@ -222,4 +289,3 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self._keepalive_handle = self.loop.call_later(
             self.keepalive.interval, self._keepalive_tick
         )
-

@@ -52,12 +52,14 @@ class ClientProtocol(RPCProtocol):
                 fut.set_result(None)
 
     def on_reply(self, serial: int, status: int, payload: Buffer) -> None:
+        self.yield_read = True
         fut = self.waiters.pop(serial, None)
         if fut is not None and not fut.done():
             fut.set_result((status, payload))
         # else: the caller gave up (deadline); the late reply is dropped.
 
     def on_event(self, msg: Message) -> None:
+        self.yield_read = True
         callbacks = self.subscribers.get((msg.prog, msg.vers, msg.proc))
         if not callbacks:
             log.debug("dropping unsubscribed event %#x/%d/%d", msg.prog, msg.vers, msg.proc)
@@ -129,6 +131,7 @@ class Client:
             fut: asyncio.Future[tuple[int, Buffer]] = proto.loop.create_future()
             serial = proto.send_call(prog.number, prog.version, procedure.number, packer.getvalue())
             proto.waiters[serial] = fut
+            proto.note_interactive()
             if len(proto.waiters) == 1:
                 proto.flush_now()  # a lone call: nothing to batch it with
             try:
@@ -157,12 +160,26 @@ class Client:
         serial: int | None = None,
     ) -> Buffer:
         """Send a CALL with an already encoded payload; returns the raw reply payload."""
+        return await self._call_raw(prog, vers, proc, payload, timeout, serial, True)
+
+    async def _call_raw(
+        self,
+        prog: int,
+        vers: int,
+        proc: int,
+        payload: Buffer,
+        timeout: float | None,
+        serial: int | None,
+        interactive: bool,
+    ) -> Buffer:
         proto = self._proto
         if proto.transport is None:
             raise proto.close_exc or ConnectionClosedError("connection closed")
         fut: asyncio.Future[tuple[int, Buffer]] = proto.loop.create_future()
         serial = proto.send_call(prog, vers, proc, payload, serial)
         proto.waiters[serial] = fut
+        if interactive:
+            proto.note_interactive()
         try:
             if timeout is None:
                 status, data = await fut
@@ -211,8 +228,9 @@ class Client:
         )
         proto.streams[stream.key] = stream
         try:
-            data = await self.call_raw(
-                prog.number, prog.version, procedure.number, payload, timeout, serial=serial
+            # Not interactive: bulk data follows, the connection need not run lean.
+            data = await self._call_raw(
+                prog.number, prog.version, procedure.number, payload, timeout, serial, False
             )
             stream.reply = procedure.decode_ret(data)
         except BaseException as exc:
@@ -369,8 +387,9 @@ async def _negotiate(client: Client, window: int, timeout: float | None) -> None
     wanted = FEATURE_FLOW_CONTROL | FEATURE_KEEPALIVE
     payload = xdr.encode(protocol.Hello, protocol.Hello(wanted, window))
     try:
-        data = await client.call_raw(
-            CONTROL_PROGRAM, CONTROL_VERSION, CONTROL_HELLO, payload, timeout
+        # Not interactive: the connection need not start out lean.
+        data = await client._call_raw(
+            CONTROL_PROGRAM, CONTROL_VERSION, CONTROL_HELLO, payload, timeout, None, False
         )
     except RPCError as exc:
         log.debug("peer refused HELLO (%s): legacy mode", exc)

@@ -175,6 +175,7 @@ class ServerConnection(RPCProtocol):
 
     # ------------------------------------------------------------------ calls
     def on_call(self, msg: Message) -> None:
+        self.yield_read = True
         self.waiting.append(msg)
         self._ensure_worker()
         if len(self.waiting) >= self.server.max_queued_calls:
@@ -255,6 +256,8 @@ class ServerConnection(RPCProtocol):
             self.reply_error(msg, _rpc_error(f"unknown procedure: {msg.proc}"))
             return
         proc = reg.procedure
+        if proc.stream is None:
+            self.note_interactive()  # keep stream data from piling up ahead of the reply
         if self.readonly and not reg.readonly:
             self.reply_error(
                 msg,
@@ -343,6 +346,7 @@ class ServerConnection(RPCProtocol):
         """Send ``event`` (a MESSAGE, serial 0) to this client."""
         prog = event.program
         self.send_event(prog.number, prog.version, event.number, xdr.encode(event.body, body))
+        self.note_interactive()
 
 
 def _rpc_error(message: str) -> RPCError:

@@ -331,8 +331,9 @@ class Stream:
                 total += len(data)
         return total
 
-    def next_packet(self) -> tuple[list[Buffer], int, bool] | None:
-        """Called by the connection when it flushes: this stream's next packet."""
+    def next_packet(self, limit: int = STREAM_CHUNK) -> tuple[list[Buffer], int, bool] | None:
+        """Called by the connection when it flushes: this stream's next packet, with at
+        most ``limit`` payload bytes (smaller while calls want the path kept clear)."""
         self._scheduled = False
         tx = self._tx
         if not tx or self._proto.transport is None:
@@ -340,11 +341,19 @@ class Stream:
         head = tx[0]
         if isinstance(head, memoryview | bytes):
             n = len(head)
+            split = n > limit
+            if split:
+                n = limit
+            if self.native and n > self._credit:
+                return None  # a CREDIT will reschedule us
+            if split:
+                view = memoryview(head)
+                tx[0] = view[n:]
+                head = view[:n]
+            else:
+                tx.popleft()
             if self.native:
-                if n > self._credit:
-                    return None  # a CREDIT will reschedule us
                 self._credit -= n
-            tx.popleft()
             self._tx_bytes -= n
             self.bytes_sent += n
             out: list[Buffer] = [
