@@ -224,6 +224,15 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         if self._flush_handle is None and self.transport is not None:
             self._flush_handle = self.loop.call_soon(self._flush)
 
+    def defer_flush(self) -> None:
+        """Move a scheduled flush behind the callbacks scheduled so far (a task just
+        woken to handle a call): its reply then joins that flush instead of waiting
+        behind another round of stream data."""
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self._flush_handle = self.loop.call_soon(self._flush)
+
     def flush_now(self) -> None:
         """Write what is queued at once instead of at the next loop iteration (a lone
         call: nothing to batch it with, so waiting would only add latency)."""

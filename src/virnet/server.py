@@ -178,6 +178,7 @@ class ServerConnection(RPCProtocol):
         self.yield_read = True
         self.waiting.append(msg)
         self._ensure_worker()
+        self.defer_flush()  # let the woken worker run (and reply) before more bulk data
         if len(self.waiting) >= self.server.max_queued_calls:
             # Even the queue is long: stop reading until it drains (bounded memory).
             self.hold_reading("call queue", True)
