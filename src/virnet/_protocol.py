@@ -10,8 +10,9 @@ Bulk versus interactive: a call or reply can only overtake stream data that is s
 our own queue; whatever already sits in the transport's buffer or the socket goes first.
 Bulk throughput wants plenty there (the socket never runs dry between flushes), latency
 wants almost nothing.  So a connection runs *lean* for ``LEAN_HOLD`` seconds after each
-call, reply or event it sends: no stream data is added while the transport still holds
-any, one packet at a time.  Without calls it runs with the bulk limits.
+call it sends (client) or starts serving (server) and each event it sends: no stream data
+is added while the transport still holds any, small packets one at a time.  Without
+calls it runs with the bulk limits.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ FLUSH_BUDGET = 2 * 262144
 #: between flushes, small enough to bound memory per connection.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
-#: Seconds a connection stays lean after it sent a call, reply or event: calls tend to
+#: Seconds a connection stays lean after a call or event (``note_interactive``): calls tend to
 #: come in runs (a client's next call follows its last reply), so keep the path clear.
 LEAN_HOLD = 0.2
 #: While lean: stream payload per flush and per packet, and the transport limits
@@ -241,7 +242,8 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             self._flush()
 
     def note_interactive(self) -> None:
-        """A call, reply or event was queued: run lean for the next ``LEAN_HOLD`` s."""
+        """A call was sent or is being served, or an event sent: run lean for the next
+        ``LEAN_HOLD`` seconds."""
         transport = self.transport
         if transport is None:
             return
