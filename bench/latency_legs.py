@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,14 @@ LEGS = [
 ]
 WARMUP_CALLS = 500
 STREAM_WARMUP = 64 * 1024 * 1024
+
+
+def _socket_outq(transport: Any) -> int:
+    """Bytes written to the socket that the peer has not read yet (SIOCOUTQ; for a Unix
+    socket the kernel counts its buffers' overhead too)."""
+    sock = transport.get_extra_info("socket")
+    buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
 
 
 def _stamps(records: dict[int, dict[str, float]], serial: int) -> dict[str, float]:
@@ -74,6 +85,7 @@ async def server_main(path: str, out: str) -> None:
                            status: int, payload: Any) -> None:
         rec = _stamps(records, serial)
         rec["transport_bytes"] = self.transport.get_write_buffer_size()
+        rec["socket_bytes"] = _socket_outq(self.transport)
         queued.append(serial)
         send_reply(self, prog, vers, proc, serial, status, payload)
 
@@ -115,13 +127,16 @@ async def client_main(path: str, out: str, calls: int, idle: bool) -> None:
 
     ns = time.perf_counter_ns
     records: dict[int, dict[str, float]] = {}
+    last_serial = 0
     send_call = ClientProtocol.send_call
     on_reply = ClientProtocol.on_reply
 
     def stamped_send_call(self: Any, *args: Any, **kwargs: Any) -> int:
+        nonlocal last_serial
         sent = ns()
         serial: int = send_call(self, *args, **kwargs)
         _stamps(records, serial)["sent"] = sent
+        last_serial = serial
         return serial
 
     def stamped_on_reply(self: Any, serial: int, status: int, payload: Any) -> None:
@@ -154,9 +169,8 @@ async def client_main(path: str, out: str, calls: int, idle: bool) -> None:
         for _ in range(calls):
             await client.call(ECHO, arg)
             returned = ns()
-            serial = max(records)  # the call just made has the highest serial
-            records[serial]["returned"] = returned
-            timed.append(serial)
+            records[last_serial]["returned"] = returned
+            timed.append(last_serial)
         rate = (got - b0) / (time.perf_counter() - t0) / 1e9
         if reader is not None:
             reader.cancel()
@@ -234,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                 vals = [(rec[end] - rec[start]) / 1000 for rec in recs]
                 print(f"  {name:40s} " + " ".join(
                     f"{percentile(vals, q):6.0f}" for q in (50, 90, 99)))
-            kib = [rec.get("transport_bytes", 0) / 1024 for rec in recs]
-            print(f"  {'server transport buffer at reply (KiB)':40s} " + " ".join(
-                f"{percentile(kib, q):6.0f}" for q in (50, 90, 99)))
+            for key, name in (("transport_bytes", "server transport buffer at reply (KiB)"),
+                              ("socket_bytes", "server socket, unread at reply (KiB)")):
+                kib = [rec.get(key, 0) / 1024 for rec in recs]
+                print(f"  {name:40s} " + " ".join(
+                    f"{percentile(kib, q):6.0f}" for q in (50, 90, 99)))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
 
@@ -611,6 +612,14 @@ BULK_LIMITS = (_protocol.WRITE_LOW_WATER, _protocol.WRITE_HIGH_WATER)
 LEAN_LIMITS = (_protocol.LEAN_LOW_WATER, _protocol.LEAN_HIGH_WATER)
 
 
+def _sndbuf(proto: object) -> int:
+    """The kernel send buffer of the connection's Unix socket, as SO_SNDBUF reads back."""
+    transport = proto.transport  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    assert sock.family == socket.AF_UNIX
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+
 async def test_calls_make_both_ends_lean(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a call each end keeps almost no stream data in flight: nothing buffered in
     the transport, packets of at most LEAN_PACKET_LIMIT.  Setting up a connection or a
@@ -618,15 +627,20 @@ async def test_calls_make_both_ends_lean(env: Env, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(_protocol, "LEAN_HOLD", 60.0)
     async with await virnet.connect(env.uri) as c:
         (conn,) = env.server.connections
+        bulk_sndbuf = (_sndbuf(c.protocol), _sndbuf(conn))
+        assert min(bulk_sndbuf) > _protocol.LEAN_SOCKET_BUFFER  # else the test shows nothing
         bulk = await c.open_stream(SOURCE, StreamArgs(STREAM_CHUNK + 1, 30, MODE_NORMAL))
         assert _limits(c.protocol) == BULK_LIMITS
         assert _limits(conn) == BULK_LIMITS
+        assert (_sndbuf(c.protocol), _sndbuf(conn)) == bulk_sndbuf
         assert await bulk.recv_all(bytearray().extend) == STREAM_CHUNK + 1
         await bulk.finish()
 
         assert (await c.call(ECHO, EchoArgs("abc", 0, 1))).n == 2
         assert _limits(c.protocol) == LEAN_LIMITS
         assert _limits(conn) == LEAN_LIMITS
+        lean = _protocol.LEAN_SOCKET_BUFFER
+        assert (_sndbuf(c.protocol), _sndbuf(conn)) == (lean, lean)
         size = 3 * STREAM_CHUNK + 7
         down = await c.open_stream(SOURCE, StreamArgs(size, 31, MODE_NORMAL))
         sizes = []
@@ -649,9 +663,11 @@ async def test_lean_mode_ends_after_the_hold(env: Env, monkeypatch: pytest.Monke
     monkeypatch.setattr(_protocol, "LEAN_HOLD", 0.0)
     async with await virnet.connect(env.uri) as c:
         (conn,) = env.server.connections
+        bulk_sndbuf = (_sndbuf(c.protocol), _sndbuf(conn))
         await c.call(ECHO, EchoArgs("abc", 0, 1))  # lean until its own flush, no longer
         assert _limits(c.protocol) == BULK_LIMITS
         assert _limits(conn) == BULK_LIMITS
+        assert (_sndbuf(c.protocol), _sndbuf(conn)) == bulk_sndbuf
         st = await c.open_stream(SOURCE, StreamArgs(2 * STREAM_CHUNK, 33, MODE_NORMAL))
         sizes = [len(chunk) async for chunk in st]
         await st.finish()

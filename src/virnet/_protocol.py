@@ -11,8 +11,9 @@ our own queue; whatever already sits in the transport's buffer or the socket goe
 Bulk throughput wants plenty there (the socket never runs dry between flushes), latency
 wants almost nothing.  So a connection runs *lean* for ``LEAN_HOLD`` seconds after each
 call it sends (client) or starts serving (server) and each event it sends: no stream data
-is added while the transport still holds any, small packets one at a time.  Without
-calls it runs with the bulk limits.
+is added while the transport still holds any, small packets one at a time, and a Unix
+socket's kernel send buffer shrunk to ``LEAN_SOCKET_BUFFER``.  Without calls it runs
+with the bulk limits.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from typing import cast
 
 from ._core import Buffer, ConnectionCore, KeepaliveAction
@@ -40,11 +42,21 @@ WRITE_LOW_WATER = 64 * 1024
 LEAN_HOLD = 0.2
 #: While lean: stream payload per flush and per packet, and the transport limits
 #: (nothing buffered).  Smaller packets leave less in the transport when the socket
-#: takes only part of one.
-LEAN_FLUSH_BUDGET = 64 * 1024
-LEAN_PACKET_LIMIT = 64 * 1024
+#: takes only part of one; 32 KiB packets also fit the receiver's scratch buffer, several
+#: per read (16 KiB ones cost more per byte than they save, in ``bench/latency.py``).
+LEAN_FLUSH_BUDGET = 32 * 1024
+LEAN_PACKET_LIMIT = 32 * 1024
 LEAN_HIGH_WATER = 0
 LEAN_LOW_WATER = 0
+#: While lean, the kernel send buffer of a Unix socket (as ``SO_SNDBUF`` reads back; Linux
+#: counts its own bookkeeping in it).  Everything in it is read by the peer before a
+#: reply written now: the default (208 KiB) held up to 200 KiB ahead of a reply, which at
+#: a saturating stream's rate was most of a call's time.  96 KiB still keeps the peer fed
+#: (the writer is woken when a quarter is left).  TCP keeps its buffers: setting
+#: ``SO_SNDBUF`` there would end the kernel's autotuning for the connection's lifetime.
+LEAN_SOCKET_BUFFER = 96 * 1024
+#: Linux doubles the ``SO_SNDBUF`` asked for (and reports the doubled size).
+_SNDBUF_SCALE = 2 if sys.platform.startswith("linux") else 1
 
 
 _YIELD = "yield to a woken task"  # a hold_reading reason
@@ -79,6 +91,8 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._lean_until = 0.0  # loop time until which the connection stays lean; 0: bulk
+        self._unix_sock: socket.socket | None = None  # its send buffer shrinks while lean
+        self._bulk_sndbuf = 0  # SO_SNDBUF (as read back) to restore after lean mode
         self._reading_paused = False
         self._read_pausers: set[object] = set()  # why reading is paused (bounded memory)
         self._read_size = 0  # size of the buffer last handed to the transport
@@ -99,6 +113,8 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # pragma: no cover - platform dependent
                 pass
+        elif sock is not None and sock.family == socket.AF_UNIX:
+            self._unix_sock = sock
         peer = transport.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
@@ -150,6 +166,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
                 err.__cause__ = exc
                 self.close_exc = err
         self.transport = None
+        self._unix_sock = None  # its descriptor may be reused from now on
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -250,7 +267,26 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         if not self._lean_until:
             # May pause writing at once: stream data already buffered is enough.
             transport.set_write_buffer_limits(high=LEAN_HIGH_WATER, low=LEAN_LOW_WATER)
+            self._set_sndbuf(lean=True)
         self._lean_until = self.loop.time() + LEAN_HOLD
+
+    def _set_sndbuf(self, *, lean: bool) -> None:
+        """Shrink a Unix socket's kernel send buffer for lean mode, or restore it.  Data
+        already in the socket stays; no more is accepted until it drains below the new
+        size."""
+        sock = self._unix_sock
+        if sock is None:
+            return
+        try:
+            if lean:
+                if not self._bulk_sndbuf:
+                    self._bulk_sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                size = min(LEAN_SOCKET_BUFFER, self._bulk_sndbuf)
+            else:
+                size = self._bulk_sndbuf
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size // _SNDBUF_SCALE)
+        except OSError:  # the socket is closing; lean mode is only an optimisation
+            self._unix_sock = None
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -266,6 +302,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             else:
                 self._lean_until = 0.0
                 transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+                self._set_sndbuf(lean=False)
         out: list[Buffer] = self.take_output(0 if self._write_paused else budget, packet_limit)
         if out:
             transport.writelines(out)
