@@ -101,15 +101,12 @@ class TransferService:
             await writer.flush()
             size = writer.pos
             await asyncio.to_thread(_finish_file, fd, size)
-            if excl:
-                # link() refuses to replace: no window where another upload is overwritten
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise _exists_error(wire_path) from None
-                os.unlink(tmp)
-            else:
-                os.replace(tmp, path)
+            # In a thread: replacing (or unlinking) a large file frees all its pages
+            # inside the system call, ~0.1 s per 2 GiB on tmpfs, more on some disks.
+            try:
+                await asyncio.to_thread(_commit, tmp, path, excl)
+            except FileExistsError:
+                raise _exists_error(wire_path) from None
             committed = True
         except OSError as exc:
             raise system_error(exc, f"write {wire_path!r}") from None
@@ -117,8 +114,7 @@ class TransferService:
             await writer.aclose()
             os.close(fd)
             if not committed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+                await asyncio.to_thread(_discard, tmp)
 
     async def _in_place(self, ctx: CallContext, args: f.TransferArgs, sparse: bool) -> None:
         path = self.root.resolve(args.path)
@@ -202,6 +198,21 @@ class TransferService:
             raise system_error(exc, f"read {args.path!r}") from None
         finally:
             os.close(fd)
+
+
+def _commit(tmp: str, path: str, exclusive: bool) -> None:
+    """Put the finished temporary file in place of ``path``."""
+    if exclusive:
+        # link() refuses to replace: no window where another upload is overwritten.
+        os.link(tmp, path)
+        os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
+
+
+def _discard(tmp: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
 
 
 def _finish_file(fd: int, size: int) -> None:
