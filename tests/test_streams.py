@@ -674,6 +674,34 @@ async def test_lean_mode_ends_after_the_hold(env: Env, monkeypatch: pytest.Monke
     assert max(sizes) == STREAM_CHUNK
 
 
+async def test_lean_mode_leaves_tcp_buffers_alone() -> None:
+    """Setting SO_SNDBUF on TCP would end the kernel's autotuning for good: lean mode
+    changes only the transport limits there, and a stream still moves every byte."""
+    server = virnet.Server()
+    DemoService().register(server)
+    StreamService().register(server)
+    uri = str(await server.listen("tcp://127.0.0.1:0"))
+    try:
+        async with await virnet.connect(uri) as c:
+            (conn,) = server.connections
+            socks = [p.transport.get_extra_info("socket") for p in (c.protocol, conn)]
+            before = [s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) for s in socks]
+            assert (await c.call(ECHO, EchoArgs("abc", 0, 1))).n == 2
+            assert _limits(c.protocol) == LEAN_LIMITS
+            assert _limits(conn) == LEAN_LIMITS
+            st = await c.open_stream(SOURCE, StreamArgs(STREAM_CHUNK + 5, 35, MODE_NORMAL))
+            got = bytearray()
+            await st.recv_all(got.extend)
+            await st.finish()
+            assert bytes(got) == pattern(STREAM_CHUNK + 5, 35)
+            after = [s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) for s in socks]
+            # Autotuning may have grown them meanwhile; lean mode never set them.
+            assert all(a >= b for a, b in zip(after, before, strict=True))
+            assert all(a != _protocol.LEAN_SOCKET_BUFFER for a in after)
+    finally:
+        await server.close(grace=1)
+
+
 async def test_calls_beside_a_saturating_download(env: Env) -> None:
     """Calls keep completing while one download runs flat out on the same connection;
     every byte arrives and reading is never left paused afterwards."""
