@@ -46,6 +46,7 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.server.close()
+        self.files.close()
 
 
 async def run(config: DaemonConfig) -> int:

@@ -1,6 +1,8 @@
 """Handlers of the FILES program (non-stream procedures; UPLOAD/DOWNLOAD live with the
-stream machinery).  Blocking file-system work runs in a worker thread so one slow disk
-operation never stalls the event loop that serves every client."""
+stream machinery).  Blocking file-system work runs in worker threads so one slow disk
+operation never stalls the event loop that serves every client: quick metadata calls in a
+``BlockingPool`` (results handed back in batches), checksums (whole files) in asyncio's
+default executor so they never hold up the quick ones."""
 
 from __future__ import annotations
 
@@ -8,14 +10,18 @@ import asyncio
 import hashlib
 import os
 import stat
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from .._blocking import BlockingPool
 from ..errors import ErrorCode, ErrorDomain, RPCError
 from ..server import CallContext, Server
 from ..services import files as f
 from .paths import Root, path_error, system_error
 
 CHECKSUM_BLOCK = 1024 * 1024
+
+T = TypeVar("T")
 
 
 def _kind(mode: int) -> f.Kind:
@@ -29,6 +35,19 @@ def _kind(mode: int) -> f.Kind:
 class FilesService:
     def __init__(self, root: Root) -> None:
         self.root = root
+        self._pool: BlockingPool | None = None
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the metadata pool (made on first use, on the serving loop)."""
+        if self._pool is None:
+            self._pool = BlockingPool(asyncio.get_running_loop())
+        return await self._pool.run(fn, *args)
+
+    def close(self) -> None:
+        """Let the metadata workers exit (the daemon is stopping)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def register(self, server: Server) -> None:
         server.register(f.STAT, self.stat, readonly=True)
@@ -40,7 +59,7 @@ class FilesService:
     async def stat(self, ctx: CallContext, args: f.PathArgs) -> f.StatReply:
         path = self.root.resolve(args.path)
         try:
-            st = await asyncio.to_thread(os.stat, path)
+            st = await self._blocking(os.stat, path)
         except OSError as exc:
             raise system_error(exc, f"stat {args.path!r}") from None
         return f.StatReply(
@@ -67,7 +86,7 @@ class FilesService:
             return out
 
         try:
-            return f.ListReply(await asyncio.to_thread(scan))
+            return f.ListReply(await self._blocking(scan))
         except OSError as exc:
             raise system_error(exc, f"list {args.path!r}") from None
 
@@ -83,14 +102,14 @@ class FilesService:
                 os.unlink(path)
 
         try:
-            await asyncio.to_thread(remove)
+            await self._blocking(remove)
         except OSError as exc:
             raise system_error(exc, f"delete {args.path!r}") from None
 
     async def mkdir(self, ctx: CallContext, args: f.PathArgs) -> None:
         path = self.root.resolve(args.path, follow_last=False)
         try:
-            await asyncio.to_thread(os.mkdir, path, 0o755)
+            await self._blocking(os.mkdir, path, 0o755)
         except OSError as exc:
             raise system_error(exc, f"create directory {args.path!r}") from None
 
