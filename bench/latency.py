@@ -56,7 +56,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -278,18 +278,58 @@ async def virnet_server(addr: str) -> None:
     await server.close()
 
 
-async def virnet_client(addr: str, n_seq: int, n_pipe: int, n_lat: int) -> dict[str, float]:
+def _echo_ok(i: int, reply: Any) -> bool:
+    return bool(reply.text == TEXT and reply.n == 0)
+
+
+async def _echo_client(addr: str) -> tuple[virnet.Client, Call]:
     client = await virnet.connect(f"unix://{_unix_path(addr)}")
     arg = Echo(TEXT, 0)
 
     def call(i: int) -> Awaitable[Any]:
         return client.call(ECHO, arg)
 
+    return client, call
+
+
+async def virnet_client(addr: str, n_seq: int, n_pipe: int, n_lat: int) -> dict[str, float]:
+    client, call = await _echo_client(addr)
     async with client:
-        return await measure(call, lambda i, r: r.text == TEXT and r.n == 0, n_seq, n_pipe, n_lat)
+        return await measure(call, _echo_ok, n_seq, n_pipe, n_lat)
 
 
 STREAM_WARMUP = 64 * 1024 * 1024  # bytes the saturating stream moves before measuring
+
+
+async def _beside_flowing_stream(
+    addr: str,
+    counts: tuple[int, int, int],
+    procedure: virnet.Procedure,
+    move: Callable[[Any], Coroutine[Any, Any, None]],
+    moved: Callable[[Any], int],
+) -> dict[str, float]:
+    """The calls while ``move(stream)`` runs flat out in a task of this process; the
+    stream's rate during the calls comes from ``moved(stream)`` (bytes so far)."""
+    client, call = await _echo_client(addr)
+    async with client:
+        stream = await client.open_stream(procedure, Size(0))  # 0: until we abort
+        mover = asyncio.create_task(move(stream))
+        try:
+            while moved(stream) < STREAM_WARMUP:
+                if mover.done():
+                    mover.result()  # raises what stopped it
+                    raise RuntimeError("stream ended early")
+                await asyncio.sleep(0.005)
+            b0, t0 = moved(stream), time.perf_counter()
+            result = await measure(call, _echo_ok, *counts)
+            result["stream"] = (moved(stream) - b0) / (time.perf_counter() - t0) / 1e9
+            if mover.done():
+                mover.result()
+                raise RuntimeError("stream ended during the measurement")
+        finally:
+            mover.cancel()
+        await stream.abort()
+        return result
 
 
 async def virnet_client_saturating(
@@ -297,40 +337,16 @@ async def virnet_client_saturating(
 ) -> dict[str, float]:
     """The same calls while a download stream on the same connection runs flat out: a
     task in this process reads it with ``async for`` as fast as it can."""
-    client = await virnet.connect(f"unix://{_unix_path(addr)}")
-    arg = Echo(TEXT, 0)
+    consumed = 0
 
-    def call(i: int) -> Awaitable[Any]:
-        return client.call(ECHO, arg)
+    async def consume(stream: Any) -> None:
+        nonlocal consumed
+        async for chunk in stream:
+            consumed += len(chunk)
 
-    async with client:
-        stream = await client.open_stream(SOURCE, Size(0))  # 0: until we abort
-        got = 0
-
-        async def consume() -> None:
-            nonlocal got
-            async for chunk in stream:
-                got += len(chunk)
-
-        reader = asyncio.create_task(consume())
-        try:
-            while got < STREAM_WARMUP:
-                if reader.done():
-                    reader.result()  # raises what stopped it
-                    raise RuntimeError("download stream ended early")
-                await asyncio.sleep(0.005)
-            b0, t0 = got, time.perf_counter()
-            result = await measure(
-                call, lambda i, r: r.text == TEXT and r.n == 0, n_seq, n_pipe, n_lat
-            )
-            result["stream"] = (got - b0) / (time.perf_counter() - t0) / 1e9
-            if reader.done():
-                reader.result()
-                raise RuntimeError("download stream ended during the measurement")
-        finally:
-            reader.cancel()
-        await stream.abort()
-        return result
+    return await _beside_flowing_stream(
+        addr, (n_seq, n_pipe, n_lat), SOURCE, consume, lambda stream: consumed
+    )
 
 
 async def virnet_client_uploading(
@@ -339,53 +355,23 @@ async def virnet_client_uploading(
     """The same calls while an upload stream on the same connection runs flat out: the
     calls queue behind this process's own stream data (the server's handler reads it as
     fast as it can)."""
-    client = await virnet.connect(f"unix://{_unix_path(addr)}")
-    arg = Echo(TEXT, 0)
-
-    def call(i: int) -> Awaitable[Any]:
-        return client.call(ECHO, arg)
-
-    async with client:
-        stream = await client.open_stream(SINK, Size(0))
-        writer = asyncio.create_task(send_bytes(stream, 0, data_block()))
-        try:
-            while stream.bytes_sent < STREAM_WARMUP:
-                if writer.done():
-                    writer.result()
-                    raise RuntimeError("upload stream ended early")
-                await asyncio.sleep(0.005)
-            b0, t0 = stream.bytes_sent, time.perf_counter()
-            result = await measure(
-                call, lambda i, r: r.text == TEXT and r.n == 0, n_seq, n_pipe, n_lat
-            )
-            result["stream"] = (stream.bytes_sent - b0) / (time.perf_counter() - t0) / 1e9
-            if writer.done():
-                writer.result()
-                raise RuntimeError("upload stream ended during the measurement")
-        finally:
-            writer.cancel()
-        await stream.abort()
-        return result
+    block = data_block()
+    return await _beside_flowing_stream(
+        addr,
+        (n_seq, n_pipe, n_lat),
+        SINK,
+        lambda stream: send_bytes(stream, 0, block),
+        lambda stream: int(stream.bytes_sent),
+    )
 
 
 async def virnet_client_stalled(addr: str, n_seq: int, n_pipe: int, n_lat: int) -> dict[str, float]:
     """The same calls beside an upload stream whose server-side handler never reads:
     the sender fills the peer's window (and its own send queue), then waits."""
-    client = await virnet.connect(f"unix://{_unix_path(addr)}")
-    arg = Echo(TEXT, 0)
-
-    def call(i: int) -> Awaitable[Any]:
-        return client.call(ECHO, arg)
-
+    client, call = await _echo_client(addr)
     async with client:
         stream = await client.open_stream(STALL, Size(0))
-        block = data_block()
-
-        async def feed() -> None:
-            while True:
-                await stream.send(block)
-
-        writer = asyncio.create_task(feed())
+        writer = asyncio.create_task(send_bytes(stream, 0, data_block()))
         try:
             window = client.protocol.peer_window
             deadline = time.perf_counter() + 10
@@ -400,9 +386,7 @@ async def virnet_client_stalled(addr: str, n_seq: int, n_pipe: int, n_lat: int) 
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.05)
             sent0 = stream.bytes_sent
-            result = await measure(
-                call, lambda i, r: r.text == TEXT and r.n == 0, n_seq, n_pipe, n_lat
-            )
+            result = await measure(call, _echo_ok, n_seq, n_pipe, n_lat)
             # Bytes the stalled stream moved while the calls ran: 0 if credit holds it.
             result["stalled_sent"] = stream.bytes_sent - sent0
             result["window"] = window
