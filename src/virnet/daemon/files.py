@@ -1,6 +1,7 @@
 """Handlers of the FILES program (non-stream procedures; UPLOAD/DOWNLOAD live with the
 stream machinery).  Blocking file-system work runs in worker threads so one slow disk
-operation never stalls the event loop that serves every client: quick metadata calls in a
+operation never stalls the event loop that serves every client (resolving the path
+included: ``realpath`` reads the file system too): quick metadata calls in a
 ``BlockingPool`` (results handed back in batches), checksums (whole files) in asyncio's
 default executor so they never hold up the quick ones."""
 
@@ -57,9 +58,8 @@ class FilesService:
         server.register(f.MKDIR, self.mkdir)
 
     async def stat(self, ctx: CallContext, args: f.PathArgs) -> f.StatReply:
-        path = self.root.resolve(args.path)
         try:
-            st = await self._blocking(os.stat, path)
+            st = await self._blocking(lambda: os.stat(self.root.resolve(args.path)))
         except OSError as exc:
             raise system_error(exc, f"stat {args.path!r}") from None
         return f.StatReply(
@@ -71,11 +71,9 @@ class FilesService:
         )
 
     async def list(self, ctx: CallContext, args: f.PathArgs) -> f.ListReply:
-        path = self.root.resolve(args.path)
-
         def scan() -> list[f.Entry]:
             out = []
-            with os.scandir(path) as it:
+            with os.scandir(self.root.resolve(args.path)) as it:
                 for entry in it:
                     try:
                         st = entry.stat(follow_symlinks=False)
@@ -91,11 +89,10 @@ class FilesService:
             raise system_error(exc, f"list {args.path!r}") from None
 
     async def delete(self, ctx: CallContext, args: f.PathArgs) -> None:
-        path = self.root.resolve(args.path, follow_last=False)
-        if path == self.root.path:
-            raise path_error("refusing to delete the data root")
-
         def remove() -> None:
+            path = self.root.resolve(args.path, follow_last=False)
+            if path == self.root.path:
+                raise path_error("refusing to delete the data root")
             if os.path.isdir(path) and not os.path.islink(path):
                 os.rmdir(path)
             else:
@@ -107,9 +104,11 @@ class FilesService:
             raise system_error(exc, f"delete {args.path!r}") from None
 
     async def mkdir(self, ctx: CallContext, args: f.PathArgs) -> None:
-        path = self.root.resolve(args.path, follow_last=False)
+        def make() -> None:
+            os.mkdir(self.root.resolve(args.path, follow_last=False), 0o755)
+
         try:
-            await self._blocking(os.mkdir, path, 0o755)
+            await self._blocking(make)
         except OSError as exc:
             raise system_error(exc, f"create directory {args.path!r}") from None
 
@@ -121,10 +120,9 @@ class FilesService:
                 code=ErrorCode.INVALID_ARG,
                 domain=ErrorDomain.STORAGE,
             )
-        path = self.root.resolve(args.path)
-
         def digest() -> bytes:
             h: Any = hashlib.new(algorithm)
+            path = self.root.resolve(args.path)
             # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
