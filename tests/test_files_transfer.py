@@ -12,16 +12,20 @@ import errno
 import hashlib
 import os
 import stat
+import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 import virnet
 from _rpcutil import pattern, remove_tree, short_tmpdir, sock_uri
 from virnet import _impl, protocol, transfer, xdr
+from virnet.daemon import transfer as daemon_transfer
 from virnet.daemon.app import Daemon
 from virnet.daemon.config import DaemonConfig
-from virnet.errors import ErrorCode, RPCError, StreamError
+from virnet.errors import ConnectionClosedError, ErrorCode, RPCError, StreamError
 from virnet.services import files as f
 from virnet.stream import Hole, StreamState
 
@@ -89,6 +93,17 @@ def write(path: str, data: bytes, mode: int | None = None) -> None:
 def read(path: str) -> bytes:
     with open(path, "rb") as fh:
         return fh.read()
+
+
+def open_files() -> set[str]:
+    """What this process's descriptors point at (a deleted file reads "NAME (deleted)")."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)"))
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            pass
+    return out
 
 
 def upload_temps(directory: str) -> list[str]:
@@ -300,6 +315,52 @@ async def test_connection_killed_mid_upload_leaves_the_old_file(env: Env) -> Non
     # and the daemon serves new clients
     async with await virnet.connect(env.uri) as c2:
         assert await download(c2, "keep.bin") == (len(old), old)
+
+
+async def test_client_vanishing_while_the_upload_is_set_up_leaves_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon resolves the path and creates its temporary file in a worker thread
+    (the file system may be slow, the loop must not wait).  A client that disconnects
+    meanwhile cancels the handler; once the thread finishes, its temporary file is
+    removed and its descriptor closed: nothing is left behind."""
+    target = env.path("keep.bin")
+    old = pattern(MiB, 8)
+    write(target, old)
+    entered, release = threading.Event(), threading.Event()
+    made: list[tuple[int, str]] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def slow_mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real_mkstemp(*args, **kwargs)
+        made.append((fd, name))
+        entered.set()
+        release.wait(10)  # a slow file system
+        return fd, name
+
+    monkeypatch.setattr(daemon_transfer.tempfile, "mkstemp", slow_mkstemp)
+    c = await virnet.connect(env.uri)
+    try:
+        opening = asyncio.ensure_future(
+            c.open_stream(f.UPLOAD, f.TransferArgs("keep.bin", 0, 0, 0))
+        )
+        assert await asyncio.to_thread(entered.wait, 10)
+        assert upload_temps(env.root)  # created, the handler waiting on its thread
+        assert c.protocol.transport is not None
+        c.protocol.transport.abort()
+        with pytest.raises(ConnectionClosedError):
+            await opening
+        # the loop was never blocked: the daemon still answers others meanwhile
+        async with await virnet.connect(env.uri) as c2:
+            assert (await c2.call(f.STAT, f.PathArgs("keep.bin"))).size == MiB
+        release.set()
+        await eventually(lambda: upload_temps(env.root) == [])
+    finally:
+        release.set()
+        await c.close()
+    ((_, name),) = made
+    assert name not in open_files()  # the clean-up closed its descriptor too
+    assert file_sha(target) == sha(old)
 
 
 async def test_daemon_stopping_mid_upload_leaves_the_old_file(env: Env) -> None:

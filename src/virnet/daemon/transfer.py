@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import stat
 import tempfile
+from collections.abc import Callable
+from typing import TypeVar
 
 from .._fileio import IO_BATCH, BatchWriter, read_blocks, segments
 from ..errors import ErrorCode, ErrorDomain, RPCError
@@ -27,6 +30,8 @@ from ..server import CallContext, Server
 from ..services import files as f
 from ..stream import Hole
 from .paths import Root, path_error, system_error
+
+T = TypeVar("T")
 
 _KNOWN_FLAGS = int(f.TransferFlags.SPARSE | f.TransferFlags.EXCLUSIVE)
 
@@ -66,32 +71,40 @@ class TransferService:
             await self._in_place(ctx, args, sparse)
 
     async def _replace(self, ctx: CallContext, wire_path: str, sparse: bool, excl: bool) -> None:
-        path = self.root.resolve(wire_path, follow_last=False)
-        if path == self.root.path:
-            raise path_error("cannot upload over the data root")
-        parent, name = os.path.split(path)
-        # lstat: a symlink at the path is replaced itself, never followed (it may lead
-        # outside the root, or nowhere); the new file then gets the default mode.
-        try:
-            old = os.lstat(path)
-        except FileNotFoundError:
-            old = None
-        except OSError as exc:
-            raise system_error(exc, f"stat {wire_path!r}") from None
-        if old is not None:
-            if excl:
-                raise _exists_error(wire_path)
-            if stat.S_ISDIR(old.st_mode):
-                raise _arg_error(f"{wire_path!r} is a directory")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".virnet-part", dir=parent)
-        except OSError as exc:
-            raise system_error(exc, f"create a temporary file for {wire_path!r}") from None
+        def prepare() -> tuple[str, int, str]:
+            path = self.root.resolve(wire_path, follow_last=False)
+            if path == self.root.path:
+                raise path_error("cannot upload over the data root")
+            parent, name = os.path.split(path)
+            # lstat: a symlink at the path is replaced itself, never followed (it may
+            # lead outside the root, or nowhere); the new file then gets the default mode.
+            try:
+                old = os.lstat(path)
+            except FileNotFoundError:
+                old = None
+            except OSError as exc:
+                raise system_error(exc, f"stat {wire_path!r}") from None
+            if old is not None:
+                if excl:
+                    raise _exists_error(wire_path)
+                if stat.S_ISDIR(old.st_mode):
+                    raise _arg_error(f"{wire_path!r} is a directory")
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".virnet-part", dir=parent)
+            except OSError as exc:
+                raise system_error(exc, f"create a temporary file for {wire_path!r}") from None
+            regular = old is not None and stat.S_ISREG(old.st_mode)
+            try:
+                os.fchmod(fd, stat.S_IMODE(old.st_mode) if old is not None and regular else 0o644)
+            except OSError as exc:
+                _release((path, fd, tmp))
+                raise system_error(exc, f"write {wire_path!r}") from None
+            return path, fd, tmp
+
+        path, fd, tmp = await _setup_in_thread(prepare, _release)
         committed = False
         writer = BatchWriter(fd)
         try:
-            regular = old is not None and stat.S_ISREG(old.st_mode)
-            os.fchmod(fd, stat.S_IMODE(old.st_mode) if old is not None and regular else 0o644)
             stream = ctx.accept_stream(sparse=sparse)
             async for item in stream:
                 if isinstance(item, Hole):
@@ -117,17 +130,17 @@ class TransferService:
                 await asyncio.to_thread(_discard, tmp)
 
     async def _in_place(self, ctx: CallContext, args: f.TransferArgs, sparse: bool) -> None:
-        path = self.root.resolve(args.path)
-        try:
-            # O_NONBLOCK: opening a FIFO must not block the event loop (regular files
-            # ignore it); anything but a regular file is refused just below.
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            raise system_error(exc, f"open {args.path!r} for writing") from None
+        def open_target() -> int:
+            # O_NONBLOCK: opening a FIFO must not wait for a reader (regular files ignore
+            # it); anything but a regular file is refused.
+            fd, _ = _open_regular(
+                self.root.resolve(args.path), os.O_WRONLY, args.path, "open {!r} for writing"
+            )
+            return fd
+
+        fd = await _setup_in_thread(open_target, os.close)
         writer = BatchWriter(fd, args.offset)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise _arg_error(f"{args.path!r} is not a regular file")
             stream = ctx.accept_stream(sparse=sparse)
             want = args.length
             got = 0
@@ -165,22 +178,19 @@ class TransferService:
         if args.flags & ~int(f.TransferFlags.SPARSE):
             raise _arg_error(f"unsupported flags {args.flags:#x} for download")
         sparse = bool(args.flags & f.TransferFlags.SPARSE)
-        path = self.root.resolve(args.path)
+
+        def open_source() -> tuple[int, int]:
+            return _open_regular(self.root.resolve(args.path), os.O_RDONLY, args.path, "open {!r}")
+
+        fd, file_size = await _setup_in_thread(open_source, lambda opened: os.close(opened[0]))
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # see _in_place
-        except OSError as exc:
-            raise system_error(exc, f"open {args.path!r}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _arg_error(f"{args.path!r} is not a regular file")
-            if args.offset > st.st_size:
-                raise _arg_error(f"offset {args.offset} is beyond the end ({st.st_size} bytes)")
-            end = st.st_size if args.length == 0 else args.offset + args.length
-            if end > st.st_size:
+            if args.offset > file_size:
+                raise _arg_error(f"offset {args.offset} is beyond the end ({file_size} bytes)")
+            end = file_size if args.length == 0 else args.offset + args.length
+            if end > file_size:
                 raise _arg_error(
                     f"{args.length} bytes from offset {args.offset} go beyond the end "
-                    f"({st.st_size} bytes)"
+                    f"({file_size} bytes)"
                 )
             size = end - args.offset
             stream = ctx.accept_stream(f.DownloadReply(size), sparse=sparse)
@@ -198,6 +208,51 @@ class TransferService:
             raise system_error(exc, f"read {args.path!r}") from None
         finally:
             os.close(fd)
+
+
+async def _setup_in_thread(setup: Callable[[], T], undo: Callable[[T], None]) -> T:
+    """``setup()`` in a worker thread: resolving a path and opening or creating a file
+    read the file system, which must never hang the event loop.  If the handler is
+    cancelled meanwhile (its client vanished), the thread still runs to its end, and
+    ``undo`` then releases what it made (a descriptor, a temporary file)."""
+    job = asyncio.ensure_future(asyncio.to_thread(setup))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(functools.partial(_undo_when_done, undo))
+        raise
+
+
+def _undo_when_done(undo: Callable[[T], None], job: asyncio.Future[T]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        undo(job.result())
+
+
+def _open_regular(path: str, mode: int, wire_path: str, what: str) -> tuple[int, int]:
+    """Open ``path`` and refuse anything but a regular file; the descriptor and the file's
+    size.  O_NONBLOCK: opening a FIFO must not wait for its other end (regular files
+    ignore the flag)."""
+    action = what.format(wire_path)
+    try:
+        fd = os.open(path, mode | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise system_error(exc, action) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise system_error(exc, action) from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _arg_error(f"{wire_path!r} is not a regular file")
+    return fd, st.st_size
+
+
+def _release(prepared: tuple[str, int, str]) -> None:
+    """Undo an atomic upload's preparation: close and remove its temporary file."""
+    _, fd, tmp = prepared
+    os.close(fd)
+    _discard(tmp)
 
 
 def _commit(tmp: str, path: str, exclusive: bool) -> None:
