@@ -55,8 +55,9 @@ LEAN_LOW_WATER = 0
 #: counts its own bookkeeping in it).  Everything in it is read by the peer before a
 #: reply written now: the default (208 KiB) held up to 200 KiB ahead of a reply, which at
 #: a saturating stream's rate was most of a call's time.  96 KiB still keeps the peer fed
-#: (the writer is woken when a quarter is left).  TCP keeps its buffers: setting
-#: ``SO_SNDBUF`` there would end the kernel's autotuning for the connection's lifetime.
+#: (the writer is woken once the peer has drained it to a quarter full).  TCP keeps its
+#: buffers: setting ``SO_SNDBUF`` there would end the kernel's autotuning for the
+#: connection's lifetime.
 LEAN_SOCKET_BUFFER = 96 * 1024
 #: Linux doubles the ``SO_SNDBUF`` asked for (and reports the doubled size).
 _SNDBUF_SCALE = 2 if sys.platform.startswith("linux") else 1
@@ -285,8 +286,10 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
                 if not self._bulk_sndbuf:
                     self._bulk_sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
                 size = min(LEAN_SOCKET_BUFFER, self._bulk_sndbuf)
-            else:
+            elif self._bulk_sndbuf:
                 size = self._bulk_sndbuf
+            else:  # never shrunk: nothing to restore
+                return
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size // _SNDBUF_SCALE)
         except OSError:  # the socket is closing; lean mode is only an optimisation
             self._unix_sock = None
