@@ -45,6 +45,22 @@ def child_cmd(script: str, role: str, addr: str, core: str | None, *extra: str) 
     return [*cmd, *extra]
 
 
+def virnet_uri(addr: str) -> str:
+    """A child's address as a virnet URI: ``unix:/path`` -> ``unix:///path``,
+    ``tcp:host:port`` -> ``tcp://host:port``."""
+    if addr.startswith("unix:"):
+        return f"unix://{addr[len('unix:') :]}"
+    return f"tcp://{addr[len('tcp:') :]}"
+
+
+def ready_addr(address: Any) -> str:
+    """The address a server child announces (``READY ADDR``) for what it is bound to:
+    with ``tcp:127.0.0.1:0`` the kernel picks the port."""
+    if address.scheme == "unix":
+        return f"unix:{address.path}"
+    return f"tcp:{address.host}:{address.port}"
+
+
 def unix_addr(workdir: Path, name: str) -> str:
     path = workdir / name
     try:

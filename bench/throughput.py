@@ -89,9 +89,11 @@ from _common import (
     cpu_seconds,
     machine_info,
     print_table,
+    ready_addr,
     run_one,
     run_pair,
     unix_addr,
+    virnet_uri,
 )
 
 GiB = 1024**3
@@ -319,19 +321,6 @@ ROLES: dict[str, tuple[str, type[Any]]] = {
 # ------------------------------------------------------------------ virnet streams
 
 
-def _virnet_uri(addr: str) -> str:
-    """``unix:/path`` -> ``unix:///path``; ``tcp:host:port`` -> ``tcp://host:port``."""
-    if addr.startswith("unix:"):
-        return f"unix://{addr[len('unix:') :]}"
-    return f"tcp://{addr[len('tcp:') :]}"
-
-
-def _ready_addr(address: Any) -> str:
-    if address.scheme == "unix":
-        return f"unix:{address.path}"
-    return f"tcp:{address.host}:{address.port}"
-
-
 async def vn_server(addr: str, total: int, opts: Any) -> dict[str, Any]:
     """A ``virnet.Server`` with the SINK/SOURCE/STALL procedures; serves one client."""
     import virnet
@@ -340,8 +329,8 @@ async def vn_server(addr: str, total: int, opts: Any) -> dict[str, Any]:
     svc = BenchService()
     server = virnet.Server()
     svc.register(server)
-    bound = await server.listen(_virnet_uri(addr))
-    print(f"READY {_ready_addr(bound)}", flush=True)
+    bound = await server.listen(virnet_uri(addr))
+    print(f"READY {ready_addr(bound)}", flush=True)
     await serve_one_client(server)
     await server.close()
     return {"records": svc.records, "cpu": svc.cpu}
@@ -353,7 +342,7 @@ async def vn_upload(addr: str, total: int, opts: Any) -> dict[str, Any]:
     from _vnstreams import SINK, Size, data_block, send_bytes
 
     block = data_block()
-    async with await virnet.connect(_virnet_uri(addr)) as client:
+    async with await virnet.connect(virnet_uri(addr)) as client:
         stream = await client.open_stream(SINK, Size(total))
         cpu0 = cpu_seconds()
         t0 = time.perf_counter()
@@ -367,7 +356,7 @@ async def vn_download(addr: str, total: int, opts: Any) -> dict[str, Any]:
     import virnet
     from _vnstreams import SOURCE, Size, count_chunks
 
-    async with await virnet.connect(_virnet_uri(addr)) as client:
+    async with await virnet.connect(virnet_uri(addr)) as client:
         stream = await client.open_stream(SOURCE, Size(total))
         cpu0 = cpu_seconds()
         rec = await count_chunks(stream)
@@ -388,7 +377,7 @@ async def vn_download_n(addr: str, total: int, opts: Any) -> dict[str, Any]:
 
     each = total // N_STREAMS
     sizes = [each] * (N_STREAMS - 1) + [total - each * (N_STREAMS - 1)]
-    async with await virnet.connect(_virnet_uri(addr)) as client:
+    async with await virnet.connect(virnet_uri(addr)) as client:
         streams = await asyncio.gather(*(client.open_stream(SOURCE, Size(n)) for n in sizes))
         cpu0 = cpu_seconds()
         recs = await asyncio.gather(*(count_chunks(s) for s in streams))
@@ -416,7 +405,7 @@ async def virnetd_server(addr: str, total: int, opts: Any) -> dict[str, Any]:
     from virnet.daemon.app import Daemon
     from virnet.daemon.config import DaemonConfig
 
-    daemon = Daemon(DaemonConfig(listen=[_virnet_uri(addr)], root=opts.root))
+    daemon = Daemon(DaemonConfig(listen=[virnet_uri(addr)], root=opts.root))
     await daemon.start()
     print(f"READY {addr}", flush=True)
     cpu0 = cpu_seconds()  # idle until the client comes: costs nothing
@@ -430,7 +419,7 @@ async def files_upload(addr: str, total: int, opts: Any) -> dict[str, Any]:
     import virnet
     from virnet.transfer import upload
 
-    async with await virnet.connect(_virnet_uri(addr)) as client:
+    async with await virnet.connect(virnet_uri(addr)) as client:
         cpu0 = cpu_seconds()
         t0 = time.perf_counter()
         n = await upload(client, opts.local, "up.bin")
@@ -445,7 +434,7 @@ async def files_download(addr: str, total: int, opts: Any) -> dict[str, Any]:
     import virnet
     from virnet.transfer import download
 
-    async with await virnet.connect(_virnet_uri(addr)) as client:
+    async with await virnet.connect(virnet_uri(addr)) as client:
         cpu0 = cpu_seconds()
         t0 = time.perf_counter()
         n = await download(client, "down.bin", opts.local)
