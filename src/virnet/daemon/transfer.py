@@ -93,9 +93,13 @@ class TransferService:
                 fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".virnet-part", dir=parent)
             except OSError as exc:
                 raise system_error(exc, f"create a temporary file for {wire_path!r}") from None
-            regular = old is not None and stat.S_ISREG(old.st_mode)
+            # A regular file's mode carries over to its replacement.
+            if old is not None and stat.S_ISREG(old.st_mode):
+                mode = stat.S_IMODE(old.st_mode)
+            else:
+                mode = 0o644
             try:
-                os.fchmod(fd, stat.S_IMODE(old.st_mode) if old is not None and regular else 0o644)
+                os.fchmod(fd, mode)
             except OSError as exc:
                 _release((path, fd, tmp))
                 raise system_error(exc, f"write {wire_path!r}") from None
