@@ -444,6 +444,14 @@ METRICS = [
 ]
 
 
+IDLE = "virnet, compiled"
+SATURATING = "virnet, compiled, beside a saturating stream"
+UPLOADING = "virnet, compiled, beside a saturating upload"
+STALLED = "virnet, compiled, beside a stalled stream"
+TCP_IDLE = "virnet, compiled, tcp"
+TCP_SATURATING = "virnet, compiled, tcp, beside a saturating stream"
+
+
 @dataclass
 class Scenario:
     name: str
@@ -453,7 +461,7 @@ class Scenario:
     anchor: bool = False
     idle: bool = True  # nothing else on the connection
     tcp: bool = False  # loopback TCP instead of a Unix socket (virnet scenarios only)
-    idle_ref: str = ""  # the idle scenario its latencies are compared with ("" = IDLE)
+    idle_ref: str = IDLE  # the idle scenario its latencies are compared with
     samples: list[dict[str, float]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -473,13 +481,6 @@ class Scenario:
         )
         return dict(json.loads(result["client"]))
 
-
-IDLE = "virnet, compiled"
-SATURATING = "virnet, compiled, beside a saturating stream"
-UPLOADING = "virnet, compiled, beside a saturating upload"
-STALLED = "virnet, compiled, beside a stalled stream"
-TCP_IDLE = "virnet, compiled, tcp"
-TCP_SATURATING = "virnet, compiled, tcp, beside a saturating stream"
 
 SCENARIOS: list[Scenario] = [
     Scenario("anchor: length-prefixed RPC, uvloop", "anchor-server", "anchor-client", anchor=True),
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         s.name for s in SCENARIOS if not args.only or any(o in s.name for o in args.only)
     }
     # A "beside" scenario is reported as a ratio to its idle reference: keep that too.
-    chosen |= {s.idle_ref or IDLE for s in SCENARIOS if s.name in chosen and not s.idle}
+    chosen |= {s.idle_ref for s in SCENARIOS if s.name in chosen and not s.idle}
     scenarios = [s for s in SCENARIOS if s.anchor or s.name in chosen]
     info = machine_info()
     print(
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(values)
             ref = median_of(anchor, key)
             ratio = med / ref if ref else None
-            iref = median_of(by_name.get(sc.idle_ref or IDLE), key) if not sc.idle else None
+            iref = median_of(by_name.get(sc.idle_ref), key) if not sc.idle else None
             iratio = med / iref if iref else None
             label = sc.label(base)
             name = f"{sc.name}: {label}"
@@ -629,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, key, ref_name, op, goal in TARGETS:
         sc_t = by_name.get(name)
         value = median_of(sc_t, key)
-        idle_t = by_name.get(sc_t.idle_ref or IDLE) if sc_t is not None else None
+        idle_t = by_name.get(sc_t.idle_ref) if sc_t is not None else None
         ref = median_of(idle_t if ref_name == "idle" else anchor, key)
         label = f"{name}: {key} / {ref_name} {op} {goal:g}"
         if value is None or not ref:
