@@ -39,6 +39,27 @@ def segments(fd: int, start: int, end: int) -> Iterator[tuple[bool, int, int]]:
         pos = data_end
 
 
+async def read_until_eof(fd: int, length: int | None = None) -> AsyncIterator[bytes]:
+    """Read a source with no known size (a pipe, a FIFO, a character device, stdin) in
+    order, in ~1 MiB blocks, until EOF or until ``length`` bytes were read.  A source
+    that ends before ``length`` raises ``EOFError`` naming how far it got: a short source
+    must fail the transfer, never pass as complete."""
+    done = 0
+
+    def read() -> bytes:
+        want = IO_BATCH if length is None else min(IO_BATCH, length - done)
+        return os.read(fd, want)
+
+    while length is None or done < length:
+        block = await asyncio.to_thread(read)
+        if not block:
+            if length is not None:
+                raise EOFError(f"the source ended after {done} of the {length} bytes asked for")
+            return
+        done += len(block)
+        yield block
+
+
 async def read_blocks(fd: int, start: int, length: int) -> AsyncIterator[bytes]:
     """Read ``[start, start+length)`` in ~1 MiB blocks, the next one prefetched in a
     thread while the caller handles the current one."""
@@ -105,11 +126,14 @@ class BatchWriter:
         await self._wait_pending()
         data = memoryview(self._buffers[self._current])[: self._fill]
         self._pending = asyncio.ensure_future(
-            asyncio.to_thread(_pwrite_all, self.fd, data, self.pos)
+            asyncio.to_thread(self._write_batch, data, self.pos)
         )
         self.pos += self._fill
         self._fill = 0
         self._current ^= 1  # that buffer's previous write finished in _wait_pending
+
+    def _write_batch(self, data: memoryview, offset: int) -> None:
+        _pwrite_all(self.fd, data, offset)
 
     async def _wait_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -129,6 +153,36 @@ class BatchWriter:
         if pending is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(pending)
+
+
+class SequentialWriter(BatchWriter):
+    """Like ``BatchWriter`` for targets that are written in order and cannot seek: a
+    pipe, a FIFO, a character or block device opened for streaming, a socket, stdout.
+    Batches go out with ``write()`` at the current position of the descriptor; a hole
+    is written as zeros (a pipe has no holes, and a device's old contents must not show
+    through)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd, 0)
+
+    async def skip(self, length: int) -> None:
+        zeros = memoryview(_ZEROS)
+        while length > 0:
+            n = min(length, len(zeros))
+            await self.write(zeros[:n])
+            length -= n
+
+    def _write_batch(self, data: memoryview, offset: int) -> None:
+        _write_all(self.fd, data)
+
+
+_ZEROS = bytes(IO_BATCH)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
