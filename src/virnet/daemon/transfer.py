@@ -33,7 +33,9 @@ from .paths import Root, path_error, system_error
 
 T = TypeVar("T")
 
-_KNOWN_FLAGS = int(f.TransferFlags.SPARSE | f.TransferFlags.EXCLUSIVE)
+_KNOWN_FLAGS = int(
+    f.TransferFlags.SPARSE | f.TransferFlags.EXCLUSIVE | f.TransferFlags.NO_SYNC
+)
 
 
 def _arg_error(message: str) -> RPCError:

@@ -22,6 +22,7 @@ class Kind(enum.IntEnum):
 class TransferFlags(enum.IntFlag):
     SPARSE = 1  # holes travel as STREAM_HOLE
     EXCLUSIVE = 2  # upload fails if the path exists
+    NO_SYNC = 4  # upload: skip the fsyncs before and after the commit (scratch data)
 
 
 @xdr.struct
