@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import shutil
 import socket
@@ -763,3 +764,23 @@ async def test_upload_progress_then_commit_then_the_daemons_rename(
     assert [e[0] for e in events] == [f"size {len(data)}", f"commit {len(data)}", "replace",
                                       "returned"]
     assert events[2][2] == env.path("up")
+
+
+def test_progress_bar_commit_state_and_final_rate() -> None:
+    from rich.console import Console
+
+    from virnet._progressbar import ProgressBar, format_rate
+
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=False, color_system=None)
+    with ProgressBar("upload x", console=console) as bar:
+        bar.update(MiB)  # total unknown (a pipe)
+        bar.committing()
+        assert "committing upload x ..." in out.getvalue()
+        bar.finish(3 * MiB, 0.5)
+    text = out.getvalue()
+    final = text.splitlines()[-1]
+    assert final.startswith("upload x ")  # the description is back
+    assert "3.0/3.0 MiB" in final
+    assert " 6.3 MB/s " in final
+    assert format_rate(3 * MiB / 0.5) == "6.3 MB/s"  # what the summary line prints
