@@ -447,6 +447,29 @@ async def test_download_to_a_dangling_symlink_creates_its_file(env: Env) -> None
     assert stat.S_IMODE(os.stat(env.loc("d/missing")).st_mode) == 0o666 & ~umask
 
 
+async def test_a_new_file_gets_the_umask_mode_without_touching_the_umask(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(env.path("r.bin"), b"new")
+    real = os.umask
+    calls: list[int] = []
+
+    def umask(mask: int) -> int:  # setting it to read it races with other threads
+        calls.append(mask)
+        return real(mask)
+
+    old = real(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", umask)
+        async with await virnet.connect(env.uri) as c:
+            await transfer.download(c, "r.bin", env.loc("new"))
+    finally:
+        real(old)
+    assert calls == []
+    assert stat.S_IMODE(os.stat(env.loc("new")).st_mode) == 0o640
+    assert read(env.loc("new")) == b"new"
+
+
 async def test_download_into_a_directory_or_a_link_to_one(env: Env) -> None:
     write(env.path("r.bin"), b"named after the remote")
     os.mkdir(env.loc("dir"))

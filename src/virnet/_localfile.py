@@ -103,6 +103,21 @@ def _device_size(fd: int) -> int:
     return end - pos
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it: setting it to read it back would
+    open a window in which files made by other threads get the wrong mode."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # no /proc: the old way, with the narrowest window mode
+    os.umask(mask)
+    return mask
+
+
 def _fsync_if_supported(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -164,9 +179,7 @@ class _Replacement(Target):
         self._job: asyncio.Future[None] | None = None
         try:
             if old is None:
-                umask = os.umask(0)
-                os.umask(umask)
-                mode = 0o666 & ~umask  # what open() would have given a new file
+                mode = 0o666 & ~_umask()  # what open() would have given a new file
             else:
                 mode = stat.S_IMODE(old.st_mode)
                 _copy_owner(fd, old)
