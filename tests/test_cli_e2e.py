@@ -1148,6 +1148,9 @@ def test_upload_from_a_fifo_and_a_zero_device(
     (area / "z.bin").write_bytes(b"\xff" * MiB)
     assert ok("upload", str(zero), f"{d}/z.bin", "--length", "1048576", uri=daemon.uri) == ""
     assert (area / "z.bin").read_bytes() == bytes(MiB)
+    line = failed("upload", str(zero), f"{d}/new.bin", "--length", "1048576", uri=daemon.uri,
+                  needles=("no such file",))
+    assert line.endswith("(--offset/--length write in place into an existing file)"), line
     failed("upload", str(local), f"{d}/dir", uri=daemon.uri, needles=(f"{local}: is a directory",))
     assert _temps(area, local) == []
 

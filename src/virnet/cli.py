@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import sys
 import time
@@ -164,7 +165,12 @@ async def cmd_upload(client: Client, args: argparse.Namespace) -> int:
                 on_commit=bar.committing,
             )
         except (VirnetError, OSError, ValueError) as exc:
-            raise _transfer_error(f"upload {args.remote}", exc) from None
+            err = _transfer_error(f"upload {args.remote}", exc)
+            if (args.offset or args.length) and getattr(exc, "int1", 0) == errno.ENOENT:
+                # The protocol's rule, easy to trip over with a stream and --length.
+                err = CommandError(f"{err} (--offset/--length write in place into an "
+                                   "existing file)")
+            raise err from None
         elapsed = time.perf_counter() - start
         bar.finish(done, elapsed)
     if show:
