@@ -807,3 +807,20 @@ def test_progress_bar_commit_state_and_final_rate() -> None:
     assert "3.0/3.0 MiB" in final
     assert " 6.3 MB/s " in final
     assert format_rate(3 * MiB / 0.5) == "6.3 MB/s"  # what the summary line prints
+
+
+def test_progress_bar_on_a_terminal_shows_the_commit_at_once() -> None:
+    from rich.console import Console
+
+    from virnet._progressbar import ProgressBar
+
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=True, color_system=None)
+    with ProgressBar("download x", console=console) as bar:
+        bar.total(10)
+        bar.update(10)
+        bar.committing()
+        # redrawn in place (no extra line), without waiting for the next refresh
+        assert "committing download x" in out.getvalue()
+        assert "committing download x ..." not in out.getvalue()
+        bar.finish(10, 1.0)

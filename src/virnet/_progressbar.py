@@ -69,7 +69,9 @@ class ProgressBar:
     def committing(self) -> None:
         text = f"committing {self.description}"
         self._progress.update(self._task, description=text)
-        if not self.console.is_terminal:
+        if self.console.is_terminal:
+            self._progress.refresh()  # now, not at the next tick: a commit may be short
+        else:
             # Without a terminal only the final bar is drawn: say it in a line.
             self.console.print(f"{text} ...", highlight=False, markup=False)
 
