@@ -1085,6 +1085,196 @@ def test_readonly_listener_downloads_but_refuses_uploads(
     assert sorted(os.listdir(area)) == ["f"]
 
 
+# ---------------------------------------------------------------------------- local targets
+
+
+def _mknod(path: Path, minor: int) -> Path:
+    """A private character device of the memory driver (1, 3: null; 1, 5: zero)."""
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, minor))
+    return path
+
+
+def _fifo_thread(path: Path, data: bytes | None) -> tuple[threading.Thread, bytearray]:
+    """A thread at the other end of a FIFO: writes ``data``, or (None) reads to EOF."""
+    got = bytearray()
+
+    def run() -> None:
+        if data is None:
+            with open(path, "rb", buffering=0) as fh:
+                while block := fh.read(MiB):
+                    got.extend(block)
+        else:
+            with open(path, "wb", buffering=0) as fh:
+                fh.write(data)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, got
+
+
+def test_download_into_devices_and_fifos_writes_in_place(
+    daemon: VirnetDaemon, area: Path, local: Path
+) -> None:
+    d = area.name
+    data = os.urandom(3 * MiB + 5)
+    (area / "big.bin").write_bytes(data)
+    null = _mknod(local / "null", 3)
+    assert ok("download", f"{d}/big.bin", str(null), uri=daemon.uri) == ""
+    assert stat.S_ISCHR(os.lstat(null).st_mode)  # still the device, not a file
+
+    fifo = local / "fifo"
+    os.mkfifo(fifo)
+    reader, got = _fifo_thread(fifo, None)
+    assert ok("download", f"{d}/big.bin", str(fifo), uri=daemon.uri) == ""
+    reader.join(timeout=RUN_TIMEOUT)
+    assert _sha(bytes(got)) == _sha(data)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(os.listdir(local)) == ["fifo", "null"]
+
+
+def test_upload_from_a_fifo_and_a_zero_device(
+    daemon: VirnetDaemon, area: Path, local: Path
+) -> None:
+    d = area.name
+    data = os.urandom(2 * MiB + 3)
+    fifo = local / "fifo"
+    os.mkfifo(fifo)
+    writer, _ = _fifo_thread(fifo, data)
+    assert ok("upload", str(fifo), f"{d}/from-fifo", uri=daemon.uri) == ""
+    writer.join(timeout=RUN_TIMEOUT)
+    assert _file_sha(area / "from-fifo") == _sha(data)  # not 0 bytes: read until EOF
+
+    zero = _mknod(local / "zero", 5)
+    (area / "z.bin").write_bytes(b"\xff" * MiB)
+    assert ok("upload", str(zero), f"{d}/z.bin", "--length", "1048576", uri=daemon.uri) == ""
+    assert (area / "z.bin").read_bytes() == bytes(MiB)
+    line = failed("upload", str(zero), f"{d}/new.bin", "--length", "1048576", uri=daemon.uri,
+                  needles=("no such file",))
+    assert line.endswith("(--offset/--length write in place into an existing file)"), line
+    failed("upload", str(local), f"{d}/dir", uri=daemon.uri, needles=(f"{local}: is a directory",))
+    assert _temps(area, local) == []
+
+
+def test_stdin_with_a_length_must_be_met(daemon: VirnetDaemon, area: Path) -> None:
+    d = area.name
+    (area / "f").write_bytes(b"0123456789")
+    res = run_virnet_bytes("upload", "-", f"{d}/f", "--length", "4", uri=daemon.uri,
+                           stdin=b"abcdEFGH")
+    assert res.returncode == 0, _describe_bytes(res)
+    assert (area / "f").read_bytes() == b"abcd456789"  # exactly 4 bytes, in place
+
+    res = run_virnet_bytes("upload", "-", f"{d}/f", "--offset", "6", "--length", "10",
+                           uri=daemon.uri, stdin=b"xyz")
+    assert res.returncode == 1, _describe_bytes(res)
+    assert res.stderr.decode() == (
+        f"virnet: error: upload {d}/f: stdin: the source ended after 3 of the 10 bytes "
+        "asked for\n"
+    )
+    assert len((area / "f").read_bytes()) == 10  # never extended: not committed
+    assert _temps(area) == []
+
+
+def test_sparse_download_to_stdout_through_a_pipe(daemon: VirnetDaemon, area: Path) -> None:
+    d = area.name
+    digest = _make_sparse(area / "sparse.img")
+    virnet = subprocess.Popen(
+        [_executable("virnet"), "-c", daemon.uri, "download", "--sparse", f"{d}/sparse.img", "-"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )
+    assert virnet.stdout is not None
+    h = hashlib.sha256()
+    total = 0
+    while block := virnet.stdout.read(MiB):  # the holes arrive as zeros
+        h.update(block)
+        total += len(block)
+    _, err = virnet.communicate(timeout=RUN_TIMEOUT)
+    assert virnet.returncode == 0 and err == b"", err
+    assert (total, h.hexdigest()) == (_SPARSE_SIZE, digest)
+
+
+def test_block_device_too_small_is_one_clear_line(
+    daemon: VirnetDaemon, area: Path, local: Path
+) -> None:
+    losetup = shutil.which("losetup")
+    if losetup is None:
+        pytest.skip("losetup is not installed")
+    backing = local / "backing.img"
+    backing.write_bytes(b"\xaa" * MiB)
+    res = subprocess.run([losetup, "--find", "--show", str(backing)], capture_output=True,
+                         text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"losetup cannot attach a loop device here: {res.stderr.strip()}")
+    dev = res.stdout.strip()
+    try:
+        d = area.name
+        (area / "big.img").write_bytes(os.urandom(2 * MiB))
+        line = failed("download", f"{d}/big.img", dev, uri=daemon.uri)
+        assert line == (
+            f"virnet: error: download {d}/big.img: {dev}: device is 1.0 MiB, "
+            "the download is 2.0 MiB"
+        )
+        small = os.urandom(MiB // 2)
+        (area / "small.img").write_bytes(small)
+        assert ok("download", f"{d}/small.img", dev, "--no-sync", uri=daemon.uri) == ""
+        with open(dev, "rb") as fh:
+            assert fh.read() == small + b"\xaa" * (MiB // 2)
+    finally:
+        subprocess.run([losetup, "-d", dev], check=False)
+
+
+def test_local_errors_are_one_line_without_errno_or_temp_names(
+    daemon: VirnetDaemon, area: Path, local: Path
+) -> None:
+    d = area.name
+    (area / "f").write_bytes(b"x")
+    lines = [
+        failed("download", f"{d}/f", str(local / "no" / "x"), uri=daemon.uri,
+               needles=(f"download {d}/f: {local}/no/x: ", "no such file")),
+        failed("upload", str(local / "nothing"), f"{d}/g", uri=daemon.uri,
+               needles=(f"upload {d}/g: {local}/nothing: no such file or directory",)),
+        failed("download", f"{d}/f", str(local / "no") + "/", uri=daemon.uri,
+               needles=("not a directory",)),
+    ]
+    for line in lines:
+        assert "[Errno" not in line and ".part" not in line, line
+    assert os.listdir(local) == []
+
+
+def test_no_sync_transfers(daemon: VirnetDaemon, area: Path, local: Path) -> None:
+    d = area.name
+    data = os.urandom(MiB + 1)
+    (local / "src").write_bytes(data)
+    assert ok("upload", "--no-sync", str(local / "src"), f"{d}/f", uri=daemon.uri) == ""
+    assert ok("download", "--no-sync", f"{d}/f", str(local / "back"), uri=daemon.uri) == ""
+    assert (local / "back").read_bytes() == data
+    res = run_virnet("upload", "--help")
+    assert "--no-sync" in res.stdout and "fsync" in res.stdout, _describe(res)
+
+
+@pytest.mark.parametrize("direction", ["download", "upload"])
+def test_progress_says_committing_and_ends_at_the_summary_rate(
+    daemon: VirnetDaemon, area: Path, local: Path, direction: str
+) -> None:
+    d = area.name
+    data = os.urandom(4 * MiB)
+    (area / "f").write_bytes(data)
+    (local / "src").write_bytes(data)
+    if direction == "download":
+        argv = ["download", "--progress", f"{d}/f", str(local / "back")]
+    else:
+        argv = ["upload", "--progress", str(local / "src"), f"{d}/up"]
+    res = run_virnet(*argv, uri=daemon.uri, env={"COLUMNS": "200"})
+    assert res.returncode == 0, _describe(res)
+    lines = res.stderr.splitlines()
+    name = f"{d}/f" if direction == "download" else f"{d}/up"
+    assert f"committing {direction} {name} ..." in lines, _describe(res)
+    summary = re.fullmatch(r"\w+ 4\.0 MiB in \d+\.\d\d s \((\d+\.\d MB/s)\)", lines[-1])
+    assert summary, _describe(res)
+    bar = lines[-2]  # the bar's final state: complete, at the summary's rate
+    assert bar.startswith(f"{direction} {name} "), _describe(res)
+    assert "4.0/4.0 MiB" in bar and f" {summary.group(1)} " in bar, _describe(res)
+
+
 # ---------------------------------------------------------------------------- demo
 
 

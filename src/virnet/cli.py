@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -99,50 +99,34 @@ async def cmd_checksum(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class ProgressBar:
-    """A rich progress bar on stderr (bytes, rate, ETA), or nothing."""
+class _NoBar:
+    """What the transfer commands talk to when no bar is shown."""
 
-    def __init__(self, enabled: bool, description: str, total: int | None) -> None:
-        self._progress: Any = None
-        self._task: Any = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self._task = self._progress.add_task(description, total=total)
-
-    def __enter__(self) -> ProgressBar:
-        if self._progress is not None:
-            self._progress.start()
+    def __enter__(self) -> _NoBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        pass
 
     def total(self, n: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, total=n)
+        pass
 
     def update(self, done: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=done)
+        pass
+
+    def committing(self) -> None:
+        pass
+
+    def finish(self, done: int, elapsed: float) -> None:
+        pass
+
+
+def _bar(show: bool, description: str) -> Any:
+    if not show:
+        return _NoBar()
+    from ._progressbar import ProgressBar  # rich: only when a bar is shown
+
+    return ProgressBar(description)
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -153,21 +137,44 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return sys.stderr.isatty()
 
 
+class CommandError(Exception):
+    """A transfer failed: the one line to print."""
+
+
+def _transfer_error(operation: str, exc: BaseException) -> CommandError:
+    """``OPERATION REMOTE: what went wrong``; a local problem names the local path (a
+    ``LocalFileError`` does), a system error never shows its ``[Errno N]``."""
+    if isinstance(exc, OSError) and not isinstance(exc, VirnetError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        text = str(exc)
+    return CommandError(f"{operation}: {text}")
+
+
 async def cmd_upload(client: Client, args: argparse.Namespace) -> int:
     from . import transfer
 
-    total = None
-    if args.local != "-":
-        total = args.length or max(0, os.path.getsize(args.local))
     start = time.perf_counter()
     show = _show_progress(args)
-    with ProgressBar(show, f"upload {args.remote}", total) as bar:
-        done = await transfer.upload(
-            client, args.local, args.remote, sparse=args.sparse, offset=args.offset,
-            length=args.length, exclusive=args.exclusive, progress=bar.update,
-        )
+    with _bar(show, f"upload {args.remote}") as bar:
+        try:
+            done = await transfer.upload(
+                client, args.local, args.remote, sparse=args.sparse, offset=args.offset,
+                length=args.length, exclusive=args.exclusive, sync=not args.no_sync,
+                progress=bar.update if show else None, on_size=bar.total,
+                on_commit=bar.committing,
+            )
+        except (VirnetError, OSError, ValueError) as exc:
+            err = _transfer_error(f"upload {args.remote}", exc)
+            if (args.offset or args.length) and getattr(exc, "int1", 0) == errno.ENOENT:
+                # The protocol's rule, easy to trip over with a stream and --length.
+                err = CommandError(f"{err} (--offset/--length write in place into an "
+                                   "existing file)")
+            raise err from None
+        elapsed = time.perf_counter() - start
+        bar.finish(done, elapsed)
     if show:
-        _summary(args, "uploaded", done, start)
+        _summary("uploaded", done, elapsed)
     return EXIT_OK
 
 
@@ -177,23 +184,30 @@ async def cmd_download(client: Client, args: argparse.Namespace) -> int:
     start = time.perf_counter()
     # To stdout, only an explicit --progress shows the bar (on stderr, like curl).
     show = _show_progress(args) and (args.local != "-" or bool(args.progress))
-    with ProgressBar(show, f"download {args.remote}", None) as bar:
-        done = await transfer.download(
-            client, args.remote, args.local, sparse=args.sparse, offset=args.offset,
-            length=args.length, progress=bar.update, on_size=bar.total,
-        )
+    with _bar(show, f"download {args.remote}") as bar:
+        try:
+            done = await transfer.download(
+                client, args.remote, args.local, sparse=args.sparse, offset=args.offset,
+                length=args.length, sync=not args.no_sync,
+                progress=bar.update if show else None, on_size=bar.total,
+                on_commit=bar.committing,
+            )
+        except (VirnetError, OSError, ValueError) as exc:
+            raise _transfer_error(f"download {args.remote}", exc) from None
+        elapsed = time.perf_counter() - start
+        bar.finish(done, elapsed)
     if show:
-        _summary(args, "downloaded", done, start)
+        _summary("downloaded", done, elapsed)
     return EXIT_OK
 
 
-def _summary(args: argparse.Namespace, verb: str, done: int, start: float) -> None:
-    """One line after the progress bar; without a bar a successful transfer is silent
-    (scripts, pipes, --no-progress)."""
-    if args.quiet:
-        return
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    print(f"{verb} {_size(done)} in {elapsed:.2f} s ({done / elapsed / 1e6:.1f} MB/s)",
+def _summary(verb: str, done: int, elapsed: float) -> None:
+    """One line after the progress bar, at the rate the bar ends with; without a bar a
+    successful transfer is silent (scripts, pipes, --no-progress, -q)."""
+    from ._progressbar import format_rate
+
+    elapsed = max(elapsed, 1e-9)
+    print(f"{verb} {_size(done)} in {elapsed:.2f} s ({format_rate(done / elapsed)})",
           file=sys.stderr)
 
 
@@ -262,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--progress", dest="progress", action="store_true", default=None,
                         help="always show a progress bar on stderr")
         sp.add_argument("--no-progress", dest="progress", action="store_false")
+        sp.add_argument("--no-sync", action="store_true",
+                        help="do not fsync the result (faster, for scratch data: a crash "
+                        "soon after may lose it); on upload the daemon skips its fsyncs")
 
     sp = sub.add_parser("demo", help="start an embedded daemon and tour virnet")
     sp.add_argument("--size", default="256M", help="bytes to push through the wire core")
@@ -296,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.connect or default_uri()
     try:
         return _loop.run(_with_client(uri, args.func, args))
-    except (VirnetError, OSError, ValueError) as exc:
+    except (VirnetError, OSError, ValueError, CommandError) as exc:
         print(f"virnet: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -1,25 +1,36 @@
-"""Client side of FILES UPLOAD and DOWNLOAD: local files (sparse-aware) to and from a
-virnet daemon, with an optional progress callback.
+"""Client side of FILES UPLOAD and DOWNLOAD: local files (sparse-aware), devices, FIFOs,
+sockets, stdin and stdout to and from a virnet daemon, with optional progress callbacks.
 
-A download to a local path is written to a temporary file beside it and renamed into
-place only when the transfer finished cleanly, so a failed download never leaves a
-half-written file where the old one was (the daemon does the same for uploads).
+What a local path means is decided in ``virnet._localfile`` (see there): a download
+into a regular file (or a new path, or through a symlink) replaces it atomically, a
+temporary file beside it renamed into place only when the transfer finished cleanly,
+so a failed download never leaves a half-written file where the old one was (the
+daemon does the same for whole-file uploads); a download into a device, FIFO, socket
+or stdout is written in place, in order.  An upload reads a regular file or block
+device by position and anything else until EOF (or exactly ``length`` bytes).
+
+Durability: with ``sync=True`` (the default) a download's replacement file is fsynced
+before its rename and its directory after, an in-place target once at the end; an
+upload asks the daemon for the same on its side.  ``sync=False`` skips all of them,
+on both sides (scratch data).
+
+Local failures raise ``virnet._localfile.LocalFileError`` (an ``OSError``), one line
+naming the local path; the daemon's refusals raise ``RPCError`` / ``StreamError``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
-import sys
-import tempfile
 from collections.abc import Callable
-from typing import BinaryIO
 
-from ._fileio import BatchWriter, read_blocks, segments
+from . import _localfile
+from ._fileio import read_blocks, read_until_eof, segments
+from ._localfile import LengthError, LocalFileError, Source
 from .client import Client
+from .errors import VirnetError
 from .services import files as f
 from .stream import Hole, Stream
+
+__all__ = ["LengthError", "LocalFileError", "Progress", "download", "upload"]
 
 Progress = Callable[[int], None]  # called with the bytes covered so far
 
@@ -34,44 +45,61 @@ async def upload(
     length: int = 0,
     exclusive: bool = False,
     progress: Progress | None = None,
+    sync: bool = True,
+    on_size: Callable[[int], None] | None = None,
+    on_commit: Callable[[], None] | None = None,
 ) -> int:
-    """Upload the local file ``local`` (``-`` for stdin) to ``remote``; returns the bytes
-    covered.  With ``sparse``, holes of the local file travel as holes."""
-    flags = (f.TransferFlags.SPARSE if sparse else 0) | (
-        f.TransferFlags.EXCLUSIVE if exclusive else 0
+    """Upload ``local`` (``-`` for stdin) to ``remote``; returns the bytes covered.
+
+    With ``sparse``, holes of a local file travel as holes.  ``offset`` / ``length``
+    are the protocol's: either one non-zero writes in place into an existing remote
+    file, ``length`` bytes of the source exactly (a shorter source is an error and
+    the stream is aborted, never finished).  ``on_size(n)`` is called once with the
+    bytes that will be sent when that is known beforehand (not for a source read
+    until EOF); ``on_commit()`` when all data is sent and the daemon commits it.
+    ``sync=False`` lets the daemon skip its fsyncs (``TransferFlags.NO_SYNC``)."""
+    flags = (
+        (f.TransferFlags.SPARSE if sparse else 0)
+        | (f.TransferFlags.EXCLUSIVE if exclusive else 0)
+        | (0 if sync else f.TransferFlags.NO_SYNC)
     )
     args = f.TransferArgs(remote, offset, length, int(flags))
-    if local == "-":
-        stream = await client.open_stream(f.UPLOAD, args, sparse=sparse)
-        try:
-            done = 0
-            read = sys.stdin.buffer.read
-            while block := read(1 << 20):
-                await stream.send(block)
-                done += len(block)
-                if progress:
-                    progress(done)
-            await stream.finish()
-        except BaseException:
-            await stream.abort()
-            raise
-        return done
-    fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+    src = await _localfile.open_source(local)
     try:
-        size = os.fstat(fd).st_size
-        if length and length > size:
-            raise ValueError(f"{local}: --length {length} is larger than the file ({size} bytes)")
-        total = length or size
+        if src.size is not None:
+            if length > src.size:
+                raise LengthError(
+                    src.display,
+                    f"length {length} is larger than the {src.kind} ({src.size} bytes)",
+                )
+            total: int | None = length or src.size
+        else:
+            total = length or None
+        if on_size is not None and total is not None:
+            on_size(total)
         stream = await client.open_stream(f.UPLOAD, args, sparse=sparse)
         try:
-            done = await _send_file(stream, fd, total, sparse, progress)
+            try:
+                if src.size is not None:
+                    assert total is not None
+                    done = await _send_file(stream, src.fd, total, sparse, progress)
+                else:
+                    done = await _send_until_eof(stream, src, length, progress)
+            except EOFError as exc:
+                raise LocalFileError(src.display, str(exc)) from None
+            except OSError as exc:
+                if isinstance(exc, VirnetError):
+                    raise
+                raise src.error(exc) from None
+            if on_commit is not None:
+                on_commit()
             await stream.finish()
         except BaseException:
             await stream.abort()
             raise
         return done
     finally:
-        os.close(fd)
+        src.close()
 
 
 async def _send_file(
@@ -94,6 +122,19 @@ async def _send_file(
     return done
 
 
+async def _send_until_eof(
+    stream: Stream, src: Source, length: int, progress: Progress | None
+) -> int:
+    done = 0
+    send = stream.send
+    async for block in read_until_eof(src.fd, length or None):
+        await send(block)
+        done += len(block)
+        if progress:
+            progress(done)
+    return done
+
+
 async def download(
     client: Client,
     remote: str,
@@ -104,78 +145,47 @@ async def download(
     length: int = 0,
     progress: Progress | None = None,
     on_size: Callable[[int], None] | None = None,
+    sync: bool = True,
+    on_commit: Callable[[], None] | None = None,
 ) -> int:
     """Download ``remote`` into ``local`` (``-`` for stdout); returns the bytes covered.
-    With ``sparse``, holes are recreated in the local file instead of written."""
+
+    With ``sparse``, holes are recreated in a local file instead of written (in place
+    targets get zeros).  ``on_size(n)`` is called with the size the daemon announces,
+    ``on_commit()`` when all data arrived and the transfer is being committed (the
+    finish handshake, the local fsync and rename).  ``sync=False`` skips the fsyncs."""
     args = f.TransferArgs(remote, offset, length, int(f.TransferFlags.SPARSE if sparse else 0))
-    if local == "-":
-        stream = await client.open_stream(f.DOWNLOAD, args, sparse=sparse)
-        if on_size:
-            on_size(stream.reply.size)
-        return await _receive(stream, sys.stdout.buffer, None, progress)
-    target = os.path.abspath(local)
-    if os.path.isdir(target):
-        target = os.path.join(target, os.path.basename(remote.rstrip("/")) or "download")
-    parent = os.path.dirname(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".part", dir=parent)
-    committed = False
-    writer = BatchWriter(fd)
+    target = await _localfile.open_target(local, remote)
     try:
-        try:
-            mode = stat.S_IMODE(os.stat(target).st_mode)  # keep an existing file's mode
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask  # what open() would have given a new file
-        os.fchmod(fd, mode)
         stream = await client.open_stream(f.DOWNLOAD, args, sparse=sparse)
-        if on_size:
-            on_size(stream.reply.size)
-        done = await _receive(stream, None, writer, progress)
-        await writer.flush()
-        if os.fstat(fd).st_size != writer.pos:
-            os.ftruncate(fd, writer.pos)  # a trailing hole
-        os.replace(tmp, target)
-        committed = True
+        try:
+            size = stream.reply.size
+            target.check_size(size)  # before the first byte is written
+            if on_size is not None:
+                on_size(size)
+            writer = target.writer
+            done = 0
+            try:
+                async for item in stream:
+                    if isinstance(item, Hole):
+                        await writer.skip(item.length)
+                        done += item.length
+                    else:
+                        await writer.write(item)
+                        done += len(item)
+                    if progress:
+                        progress(done)
+                if on_commit is not None:
+                    on_commit()
+                await stream.finish()
+                await target.commit(sync)
+            except OSError as exc:
+                if isinstance(exc, VirnetError):
+                    raise
+                raise target.error(exc) from None
+        except BaseException:
+            await stream.abort()
+            raise
         return done
     finally:
-        await writer.aclose()
-        os.close(fd)
-        if not committed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-
-async def _receive(
-    stream: Stream, out: BinaryIO | None, writer: BatchWriter | None, progress: Progress | None
-) -> int:
-    done = 0
-    try:
-        async for item in stream:
-            if isinstance(item, Hole):
-                if writer is not None:
-                    await writer.skip(item.length)
-                else:
-                    assert out is not None
-                    left = item.length
-                    while left:
-                        n = min(left, 1 << 20)
-                        out.write(bytes(n))
-                        left -= n
-                done += item.length
-            else:
-                if writer is not None:
-                    await writer.write(item)
-                else:
-                    assert out is not None
-                    out.write(item)
-                done += len(item)
-            if progress:
-                progress(done)
-        await stream.finish()
-    except BaseException:
-        await stream.abort()
-        raise
-    if out is not None:
-        out.flush()
-    return done
+        await target.close()
