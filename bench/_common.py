@@ -15,8 +15,42 @@ import platform
 import resource
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class Skipped(Exception):
+    """A scenario that cannot run on this machine (the reason is printed and kept)."""
+
+
+@dataclass
+class Transfer:
+    """What one run of a throughput scenario reports: wall seconds for the volume, and
+    optionally the CPU seconds per side (``{"recv": s, "send": s}``) spent during it."""
+
+    seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)
+    reads: int | None = None  # socket reads on the receiving side, if known
+    extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific figures
+
+
+def transfer_timeout(nbytes: int) -> float:
+    """How long a transfer of ``nbytes`` may take before it counts as hung."""
+    return 60 + nbytes / 20e6  # generous: 20 MB/s is far below anything expected
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """User + system CPU time of this process's children that were waited for so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def child_env(core: str | None) -> dict[str, str]:

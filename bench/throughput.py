@@ -11,8 +11,12 @@ deployed).  The receiver times the transfer from its first received byte to its 
 reports the seconds on stdout; the parent turns that into GB/s (10^9 bytes/s).  All
 scenarios are repeated ``--repeat`` times, interleaved round by round (anchor, framing, ...,
 anchor, framing, ...), so that a noisy neighbour hurts all of them alike.  The table shows
-the median and the ratio to the median of the anchor, the raw uvloop pump over a Unix
-socket, taken in the same run.  Only such ratios are comparable between runs.
+the median and the ratio to the median of the row's anchor taken in the same run (column
+``vs``): the raw uvloop pump over a Unix socket for every scenario that names no other
+(``Scenario.anchor_name`` None), the local copy with ``dd`` for the whole-process rows
+that write a new file (CLI to a new file, CLI whole-file upload, virsh).  Only such
+ratios are comparable between runs.  The whole-process rows time from spawning a process
+to its exit instead (below).
 
 Scenarios (each a function ``run(nbytes, workdir) -> Transfer``; add more to
 ``SCENARIOS``).  A scenario that raises is recorded as failed (in the table and in the
@@ -47,21 +51,39 @@ grpcio) is skipped with its reason (``meta.skipped``).
   upload from the ``upload()`` call to ``finish()``.  libvirtd's CPU comes from /proc.
 * ``virnet.libvirt vol-download|vol-upload`` -- virnet's own libvirt client (compiled,
   uvloop) against the same libvirtd, timed the same way.
+* ``local copy, dd bs=1M into a new file (tmpfs)`` -- the second anchor, a whole process
+  like the rows below: ``dd if=SRC of=NEW bs=1M status=none`` on /dev/shm, NEW removed
+  before each round; its own ratio is to the pump.
+* ``virnet CLI ...`` -- the ``virnet`` command as a user runs it, timed from spawning it to
+  its exit (interpreter start-up, connection and teardown included), against a
+  ``virnetd`` subprocess started per round (not timed): download to stdout on a private
+  null device and upload in place (``--offset 0 --length N``), both against the pump;
+  download to a new file and upload of a whole file, both against the local copy.
+* ``virsh vol-download|vol-upload`` -- ``virsh`` against the private libvirtd of the libvirt
+  rows, whole processes too, against the local copy.  These and the CLI rows are in
+  ``_cli_scenarios.py``, with how each is verified (outside the timed window).
 * ``grpcio upload|download`` -- grpcio's sync API, raw bytes (no serializers), 256 KiB
   messages, client- resp. server-streaming, over a Unix socket; skipped if grpcio is not
   importable (it is not a dependency of the project: ``pip install grpcio``).
 * ``..., tcp`` -- TCP loopback variants of the anchor, of compiled framing and of the
   compiled streams.
 
-FILES, libvirt and grpcio move at most ``CAP`` (2 GiB) per transfer: tmpfs is memory, and
-they run at well under 1 GB/s.
+FILES, libvirt, grpcio and the whole-process rows move at most ``CAP`` (2 GiB) per
+transfer: tmpfs is memory, and they run at well under 1 GB/s.  ``--only`` selects by
+substring; the pump and the anchors of the selected rows always run.
 
 All pump senders use the same transport write-buffer limits (high 4 MiB, low 1 MiB), the
-top of the 1-4 MiB range anchors.md recommends; the virnet stream scenarios use virnet's
+top of the recommended 1-4 MiB range; the virnet stream scenarios use virnet's
 own limits.  The table shows the ratio of medians and, beside it, the median of the
 per-round ratios (each sample over the anchor's sample of the same round), which is less
 sensitive to load that changes between rounds.  The verdicts against the issue's targets
-are printed last (``TARGETS``).
+are printed last (``TARGETS``): a ratio to the row's anchor, a derived figure, or one
+scenario over another of the same run (``Target.versus``: virnet.libvirt against
+python3-libvirt), each also as the median of per-round ratios.
+
+JSON (``--json``): ``{"scenarios": [{"name", "value", "unit", "ratio"}], "meta": {...}}``;
+``ratio`` is the value over the row's own anchor (``meta.anchor`` names it; None for
+derived figures such as "A / B", whose value is already a ratio).
 """
 
 from __future__ import annotations
@@ -83,15 +105,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _cli_scenarios import (
+    CLI_DOWN_NEW,
+    CLI_INPLACE,
+    CLI_UP_WHOLE,
+    LOCAL_COPY,
+    VIRSH_DOWN,
+    VIRSH_UP,
+    cli_stdout_name,
+    local_copy_scenario,
+    virnet_cli_scenario,
+    virsh_scenario,
+)
 from _common import (
+    Skipped,
+    Transfer,
     check_core,
     check_sources_unchanged,
     cpu_seconds,
     machine_info,
     print_table,
+    proc_cpu,
     ready_addr,
     run_one,
     run_pair,
+    transfer_timeout,
     unix_addr,
     virnet_uri,
 )
@@ -642,14 +680,6 @@ def child_main(args: argparse.Namespace) -> None:
 # ============================================================================ parent side
 
 
-class Skipped(Exception):
-    """A scenario that cannot run on this machine (the reason is printed and kept)."""
-
-
-def _timeout(nbytes: int) -> float:
-    return 60 + nbytes / 20e6  # generous: 20 MB/s is far below anything expected
-
-
 def run_pump(
     recv_role: str,
     send_role: str,
@@ -670,7 +700,7 @@ def run_pump(
         core=core,
         extra=("--bytes", str(nbytes)),
         results_from=("server", "client"),
-        timeout=_timeout(nbytes),
+        timeout=transfer_timeout(nbytes),
     )
     recv = json.loads(result["server"])
     send = json.loads(result["client"])
@@ -705,7 +735,7 @@ def stream_scenario(
             core=core,
             extra=("--bytes", str(nbytes)),
             results_from=("server", "client"),
-            timeout=_timeout(nbytes),
+            timeout=transfer_timeout(nbytes),
         )
         srv = json.loads(res["server"])
         cli = json.loads(res["client"])
@@ -780,7 +810,7 @@ def files_scenario(direction: str) -> Callable[[int, Path], Transfer]:
             core="compiled",
             extra=("--bytes", str(nbytes), "--root", str(d / "root"), "--local", str(local)),
             results_from=("server", "client"),
-            timeout=_timeout(nbytes),
+            timeout=transfer_timeout(nbytes),
         )
         srv = json.loads(res["server"])
         cli = json.loads(res["client"])
@@ -850,13 +880,6 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def _proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class LibvirtFixture:
     """A private libvirtd (tests/_libvirtd.py) with a dir pool on /dev/shm and one raw
     volume, started on first use and kept for the whole run."""
@@ -869,6 +892,7 @@ class LibvirtFixture:
         self.daemon: Any = None
         self.pool = ""
         self.pool_dir: Path | None = None
+        self.vol_path: Path | None = None  # the volume's file in the pool's directory
         self.size = 0
 
     def ensure(self, size: int, *, pylibvirt: bool = False) -> Any:
@@ -892,6 +916,7 @@ class LibvirtFixture:
                 self.daemon.virsh("vol-delete", self.VOL, "--pool", self.pool)
             path = self.daemon.create_raw_volume(self.pool, self.VOL, str(size))
             _fill_file(Path(path), size, truncate=False)  # data, not one big hole
+            self.vol_path = Path(path)
             self.size = size
         return self.daemon
 
@@ -946,7 +971,7 @@ def pylibvirt_scenario(mode: str) -> Callable[[int, Path], Transfer]:
         daemon = LIBVIRT.ensure(nbytes, pylibvirt=True)
         from _libvirtd import SYSTEM_PYTHON
 
-        cpu0 = _proc_cpu(daemon.pid)
+        cpu0 = proc_cpu(daemon.pid)
         r = subprocess.run(
             [
                 SYSTEM_PYTHON,
@@ -960,10 +985,10 @@ def pylibvirt_scenario(mode: str) -> Callable[[int, Path], Transfer]:
             ],
             capture_output=True,
             text=True,
-            timeout=_timeout(nbytes),
+            timeout=transfer_timeout(nbytes),
             check=False,
         )
-        daemon_cpu = _proc_cpu(daemon.pid) - cpu0
+        daemon_cpu = proc_cpu(daemon.pid) - cpu0
         if r.returncode != 0:
             tail = (r.stderr.strip().splitlines() or ["?"])[-1]
             raise RuntimeError(f"python3-libvirt {mode} failed ({r.returncode}): {tail}")
@@ -985,7 +1010,7 @@ def vl_scenario(mode: str) -> Callable[[int, Path], Transfer]:
 
     def run(nbytes: int, workdir: Path) -> Transfer:
         daemon = LIBVIRT.ensure(nbytes)
-        cpu0 = _proc_cpu(daemon.pid)
+        cpu0 = proc_cpu(daemon.pid)
         out = json.loads(
             run_one(
                 __file__,
@@ -993,10 +1018,10 @@ def vl_scenario(mode: str) -> Callable[[int, Path], Transfer]:
                 f"unix:{daemon.socket_path}",
                 core="compiled",
                 extra=("--bytes", str(nbytes), "--pool", LIBVIRT.pool, "--vol", LIBVIRT.VOL),
-                timeout=_timeout(nbytes),
+                timeout=transfer_timeout(nbytes),
             )
         )
-        daemon_cpu = _proc_cpu(daemon.pid) - cpu0
+        daemon_cpu = proc_cpu(daemon.pid) - cpu0
         sides = {"recv": out["cpu"], "send": daemon_cpu}
         if mode == "upload":
             sides = {"recv": daemon_cpu, "send": out["cpu"]}
@@ -1017,7 +1042,7 @@ def grpc_scenario(direction: str) -> Callable[[int, Path], Transfer]:
             core=None,
             extra=("--bytes", str(nbytes)),
             results_from=("server", "client"),
-            timeout=_timeout(nbytes),
+            timeout=transfer_timeout(nbytes),
         )
         srv = json.loads(res["server"])
         cli = json.loads(res["client"])
@@ -1031,21 +1056,11 @@ def grpc_scenario(direction: str) -> Callable[[int, Path], Transfer]:
 
 
 @dataclass
-class Transfer:
-    """What one run of a scenario reports: wall seconds for the volume, and optionally
-    the CPU seconds per side (``{"recv": s, "send": s}``) spent during it."""
-
-    seconds: float
-    cpu: dict[str, float] = field(default_factory=dict)
-    reads: int | None = None  # socket reads on the receiving side, if known
-    extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific figures
-
-
-@dataclass
 class Scenario:
     name: str
     run: Callable[[int, Path], Transfer]  # moves nbytes in its own processes
-    anchor: bool = False
+    anchor: bool = False  # others may be compared against it (anchor_name)
+    anchor_name: str | None = None  # the scenario this one is compared against (None: PUMP)
     cap: int | None = None  # at most this volume per transfer (tmpfs, slow peers)
     samples: list[float] = field(default_factory=list)  # GB/s per repetition
     rounds: list[int] = field(default_factory=list)  # the round of each sample
@@ -1056,12 +1071,20 @@ class Scenario:
     skipped: str | None = None
 
 
-CAP = 2 * GiB  # libvirt, FILES and grpcio: 2 GiB like anchors.md (and tmpfs is memory)
+CAP = 2 * GiB  # libvirt, FILES, grpcio, whole processes: 2 GiB (and tmpfs is memory)
+PUMP = "raw uvloop pump, unix"  # the anchor of every scenario that names no other one
 ONE_DOWN = "virnet download, compiled, unix"
 N_DOWN = f"virnet {N_STREAMS} streams down, compiled, unix"
+PY_DOWN = "libvirt vol-download (python3-libvirt recvAll)"
+PY_UP = "libvirt vol-upload (python3-libvirt sendAll)"
+VL_DOWN = "virnet.libvirt vol-download, compiled"
+VL_UP = "virnet.libvirt vol-upload, compiled"
+CLI_STDOUT = cli_stdout_name()  # says whether stdout is the private null device or a pipe
+#: Short names of the anchors in the table's "vs" column.
+ANCHOR_LABELS = {PUMP: "pump", LOCAL_COPY: "local copy"}
 
 SCENARIOS: list[Scenario] = [
-    Scenario("raw uvloop pump, unix", pump_scenario("raw-recv", "raw-send"), anchor=True),
+    Scenario(PUMP, pump_scenario("raw-recv", "raw-send"), anchor=True),
     Scenario(
         "virnet framing, compiled, unix",
         pump_scenario("framed-recv", "framed-send", core="compiled"),
@@ -1084,29 +1107,67 @@ SCENARIOS: list[Scenario] = [
     Scenario("virnet download, compiled, tcp", stream_scenario("down", core="compiled", tcp=True)),
     Scenario("virnet FILES upload via virnetd, compiled, unix", files_scenario("up"), cap=CAP),
     Scenario("virnet FILES download via virnetd, compiled, unix", files_scenario("down"), cap=CAP),
+    Scenario(PY_DOWN, pylibvirt_scenario("download"), cap=CAP),
+    Scenario(PY_UP, pylibvirt_scenario("upload"), cap=CAP),
+    Scenario(VL_DOWN, vl_scenario("download"), cap=CAP),
+    Scenario(VL_UP, vl_scenario("upload"), cap=CAP),
+    # Whole processes (_cli_scenarios.py): spawn to exit, start-up included.
+    Scenario(LOCAL_COPY, local_copy_scenario(FILES), anchor=True, cap=CAP),
+    Scenario(CLI_STDOUT, virnet_cli_scenario("stdout", FILES), cap=CAP),
+    Scenario(CLI_INPLACE, virnet_cli_scenario("inplace", FILES), cap=CAP),
     Scenario(
-        "libvirt vol-download (python3-libvirt recvAll)",
-        pylibvirt_scenario("download"),
-        cap=CAP,
+        CLI_DOWN_NEW, virnet_cli_scenario("down-new", FILES), anchor_name=LOCAL_COPY, cap=CAP
     ),
-    Scenario("libvirt vol-upload (python3-libvirt sendAll)", pylibvirt_scenario("upload"), cap=CAP),
-    Scenario("virnet.libvirt vol-download, compiled", vl_scenario("download"), cap=CAP),
-    Scenario("virnet.libvirt vol-upload, compiled", vl_scenario("upload"), cap=CAP),
+    Scenario(
+        CLI_UP_WHOLE, virnet_cli_scenario("up-whole", FILES), anchor_name=LOCAL_COPY, cap=CAP
+    ),
+    Scenario(
+        VIRSH_DOWN, virsh_scenario("download", LIBVIRT, FILES), anchor_name=LOCAL_COPY, cap=CAP
+    ),
+    Scenario(VIRSH_UP, virsh_scenario("upload", LIBVIRT, FILES), anchor_name=LOCAL_COPY, cap=CAP),
     Scenario("grpcio upload (client-streaming), 256 KiB msgs, unix", grpc_scenario("up"), cap=CAP),
     Scenario(
         "grpcio download (server-streaming), 256 KiB msgs, unix", grpc_scenario("down"), cap=CAP
     ),
 ]
 
-#: Targets (from the issue): scenario -> (figure, comparison, goal).  "ratio" is the ratio
-#: to the raw pump in the same run.
-TARGETS: list[tuple[str, str, str, float]] = [
-    ("virnet upload, compiled, unix", "ratio to anchor", ">=", 0.70),
-    (ONE_DOWN, "ratio to anchor", ">=", 0.70),
-    ("virnet upload, pure, unix", "ratio to anchor", ">=", 0.35),
-    ("virnet download, pure, unix", "ratio to anchor", ">=", 0.35),
-    (f"{N_DOWN}: aggregate vs one stream", "value", ">=", 0.90),
-    (f"{N_DOWN}: worst stream vs mean", "value", "<=", 20.0),
+@dataclass(frozen=True)
+class Target:
+    """A goal of the issue: ``name``'s figure ``op`` ``goal``.  The figure is the ratio to
+    the scenario's own anchor (``figure="ratio"``), a derived figure's value
+    (``figure="value"``), or, with ``versus``, scenario ``name``'s median over scenario
+    ``versus``'s median in the same run (and the median of their per-round ratios)."""
+
+    name: str
+    op: str
+    goal: float
+    figure: str = "ratio"
+    versus: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Where the figure is found: the scenario's name, or the derived "A / B" one."""
+        return self.name if self.versus is None else versus_name(self.name, self.versus)
+
+
+def versus_name(a: str, b: str) -> str:
+    return f"{a} / {b}"
+
+
+#: Targets (from the issue); every ratio is between scenarios of the same run.
+TARGETS: list[Target] = [
+    Target("virnet upload, compiled, unix", ">=", 0.70),
+    Target(ONE_DOWN, ">=", 0.70),
+    Target("virnet upload, pure, unix", ">=", 0.35),
+    Target("virnet download, pure, unix", ">=", 0.35),
+    Target(f"{N_DOWN}: aggregate vs one stream", ">=", 0.90, figure="value"),
+    Target(f"{N_DOWN}: worst stream vs mean", "<=", 20.0, figure="value"),
+    Target(CLI_STDOUT, ">=", 0.70),
+    Target(CLI_INPLACE, ">=", 0.60),
+    Target(CLI_DOWN_NEW, ">=", 0.80),
+    Target(CLI_UP_WHOLE, ">=", 0.80),
+    Target(VL_UP, ">=", 1.0, versus=PY_UP),
+    Target(VL_DOWN, ">=", 1.0, versus=PY_DOWN),
 ]
 
 
@@ -1131,27 +1192,73 @@ def _verdict(value: float | None, op: str, goal: float) -> str:
 
 
 def check_targets(
-    targets: list[tuple[str, str, str, float]],
+    targets: list[Target],
     found: dict[str, dict[str, Any]],
     paired: dict[str, float],
+    anchors: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of target, measured value, met or missed (and by how much); the verdict is
-    on the ratio of medians, the median of per-round ratios is shown beside it."""
+    on the ratio of medians, the median of per-round ratios is shown beside it.
+    ``found``: the JSON's scenario entries by name (derived "A / B" figures among them,
+    see ``versus_figures``); ``paired``: medians of per-round ratios by the same names;
+    ``anchors``: scenario -> its anchor's short name, for the target's text."""
     rows = []
-    for name, key, op, goal in targets:
-        entry = found.get(name)
-        value = None if entry is None else entry.get("ratio" if key != "value" else "value")
-        pvalue = paired.get(name) if key != "value" or name.endswith("one stream") else None
+    for t in targets:
+        entry = found.get(t.key)
+        value = pvalue = None
+        if entry is not None:
+            by_ratio = t.figure == "ratio" and t.versus is None  # else the entry is the figure
+            value = entry["ratio"] if by_ratio else entry["value"]
+            # A plain scenario's paired figure is its ratio to its anchor: no use for
+            # a target on its GB/s.
+            if by_ratio or entry["unit"] != "GB/s":
+                pvalue = paired.get(t.key)
+        if t.versus is not None:
+            text = f"{t.key} {t.op} {t.goal:g}"
+        elif t.figure == "ratio":
+            vs = (anchors or {}).get(t.name, "anchor")
+            text = f"{t.name}: ratio to {vs} {t.op} {t.goal:g}"
+        else:
+            text = f"{t.name}: {t.figure} {t.op} {t.goal:g}"
         rows.append(
             {
-                "target": f"{name}: {key} {op} {goal:g}",
+                "target": text,
                 "measured": "-" if value is None else f"{value:.2f}",
-                "verdict": _verdict(value, op, goal),
+                "verdict": _verdict(value, t.op, t.goal),
                 "paired": "-" if pvalue is None else f"{pvalue:.2f}",
-                "paired verdict": "-" if pvalue is None else _verdict(pvalue, op, goal),
+                "paired verdict": "-" if pvalue is None else _verdict(pvalue, t.op, t.goal),
             }
         )
     return rows
+
+
+def versus_figures(
+    targets: list[Target], by_name: dict[str, Scenario]
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The "A / B" figures the targets ask for, where both scenarios have samples: JSON
+    entries (ratio of medians, unit "x") and medians of the per-round ratios."""
+    entries: list[dict[str, Any]] = []
+    paired: dict[str, float] = {}
+    for t in targets:
+        if t.versus is None:
+            continue
+        a, b = by_name.get(t.name), by_name.get(t.versus)
+        if a is None or b is None or not a.samples or not b.samples:
+            continue
+        value = statistics.median(a.samples) / statistics.median(b.samples)
+        entries.append({"name": t.key, "value": round(value, 4), "unit": "x", "ratio": None})
+        per_round = paired_ratios(a, b)
+        if per_round:
+            paired[t.key] = statistics.median(per_round)
+    return entries, paired
+
+
+def select(only: list[str] | None) -> list[Scenario]:
+    """The scenarios whose name contains one of ``only`` (all without it), plus the
+    anchors they are compared against and the pump, in ``SCENARIOS`` order."""
+    chosen = [s for s in SCENARIOS if not only or any(o in s.name for o in only)]
+    needed = {PUMP} | {s.anchor_name for s in chosen if s.anchor_name is not None}
+    return [s for s in SCENARIOS if s in chosen or s.name in needed]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1174,13 +1281,12 @@ def main(argv: list[str] | None = None) -> int:
 
     nbytes = args.bytes or (512 * MiB if args.quick else 4 * GiB)
     repeat = args.repeat or (2 if args.quick else 5)
-    scenarios = [
-        s for s in SCENARIOS if s.anchor or not args.only or any(o in s.name for o in args.only)
-    ]
+    scenarios = select(args.only)
     info = machine_info()
     print(
         f"throughput: {nbytes / MiB:.0f} MiB per transfer (at most {CAP / MiB:.0f} MiB for "
-        f"FILES, libvirt, grpcio), {repeat} repetitions, {len(scenarios)} scenarios; {info}",
+        f"FILES, libvirt, grpcio, whole processes), {repeat} repetitions, "
+        f"{len(scenarios)} scenarios; {info}",
         flush=True,
     )
     started = time.perf_counter()
@@ -1223,8 +1329,16 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     consistent = check_sources_unchanged(info)
 
-    anchor = next((s for s in scenarios if s.anchor and s.samples), None)
-    anchor_median = statistics.median(anchor.samples) if anchor else None
+    by_name = {s.name: s for s in scenarios}
+
+    def anchor_of(sc: Scenario) -> Scenario | None:
+        ref = by_name.get(sc.anchor_name or PUMP)
+        return ref if ref is not None and ref.samples else None
+
+    anchor_label = {
+        s.name: ANCHOR_LABELS.get(s.anchor_name or PUMP, s.anchor_name or PUMP)
+        for s in SCENARIOS
+    }
     results: list[dict[str, Any]] = []
     paired: dict[str, float] = {}  # name -> median of per-round ratios
     rows = []
@@ -1243,7 +1357,8 @@ def main(argv: list[str] | None = None) -> int:
                     "MiB": f"{vol / MiB:.0f}",
                     "GB/s (median)": _short(why),
                     "min..max": "-",
-                    "ratio to anchor": "-",
+                    "vs": anchor_label[sc.name],
+                    "ratio": "-",
                     "paired ratio": "-",
                     "recv CPU s/GiB": "-",
                     "send CPU s/GiB": "-",
@@ -1252,7 +1367,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             continue
         med = statistics.median(sc.samples)
-        ratio = med / anchor_median if anchor_median else None
+        anchor = anchor_of(sc)
+        ratio = med / statistics.median(anchor.samples) if anchor is not None else None
         results.append({"name": sc.name, "value": round(med, 4), "unit": "GB/s", "ratio": ratio})
         pr = paired_ratios(sc, anchor) if anchor is not None else []
         if pr:
@@ -1264,7 +1380,8 @@ def main(argv: list[str] | None = None) -> int:
                 "MiB": f"{vol / MiB:.0f}",
                 "GB/s (median)": f"{med:.2f}",
                 "min..max": f"{min(sc.samples):.2f}..{max(sc.samples):.2f}",
-                "ratio to anchor": f"{ratio:.2f}" if ratio is not None else "-",
+                "vs": anchor_label[sc.name],
+                "ratio": f"{ratio:.2f}" if ratio is not None else "-",
                 "paired ratio": f"{paired[sc.name]:.2f}" if sc.name in paired else "-",
                 "recv CPU s/GiB": cpu_median(sc, "recv"),
                 "send CPU s/GiB": cpu_median(sc, "send"),
@@ -1276,7 +1393,8 @@ def main(argv: list[str] | None = None) -> int:
         "MiB",
         "GB/s (median)",
         "min..max",
-        "ratio to anchor",
+        "vs",
+        "ratio",
         "paired ratio",
         "recv CPU s/GiB",
         "send CPU s/GiB",
@@ -1284,14 +1402,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print_table(
         f"throughput, {nbytes / MiB:.0f} MiB x {repeat}, wall {wall:.0f} s "
-        "(ratio: of medians; paired: median of per-round ratios; CPU: median user+sys "
+        "(ratio: of medians, to the anchor in column vs; paired: median of per-round ratios; "
+        "CPU: median user+sys "
         "seconds per GiB moved, per side; KiB/read: receiver's mean bytes per socket read)",
         rows,
         columns,
     )
 
     # Derived figures of the concurrent streams, against one stream in the same run.
-    by_name = {s.name: s for s in scenarios}
     multi = by_name.get(N_DOWN)
     one = by_name.get(ONE_DOWN)
     derived_rows = []
@@ -1348,8 +1466,11 @@ def main(argv: list[str] | None = None) -> int:
             derived_rows,
             ["figure", "value", "per round"],
         )
+    vs_entries, vs_paired = versus_figures(TARGETS, by_name)
+    results += vs_entries
+    paired.update(vs_paired)
     found = {r["name"]: r for r in results}
-    target_rows = check_targets(TARGETS, found, paired)
+    target_rows = check_targets(TARGETS, found, paired, anchor_label)
     print_table(
         "targets (ratios within this run)",
         target_rows,
@@ -1368,6 +1489,7 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": {s.name: s.samples for s in scenarios},
                 "rounds": {s.name: s.rounds for s in scenarios},
                 "paired_ratio": paired,
+                "anchor": {s.name: s.anchor_name or PUMP for s in scenarios},
                 "cpu_s_per_GiB": {s.name: s.cpu for s in scenarios},
                 "recv_KiB_per_read": {s.name: s.read_sizes for s in scenarios},
                 "extras": {s.name: s.extras for s in scenarios if s.extras},
