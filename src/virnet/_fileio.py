@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -160,7 +161,8 @@ class BatchWriter:
     def __init__(self, fd: int, offset: int = 0) -> None:
         self.fd = fd
         self.pos = offset  # file offset of the first byte of the batch being filled
-        self._buffers = (bytearray(IO_BATCH), bytearray(IO_BATCH))
+        # Made on the first write: an upload stream that is open but idle holds nothing.
+        self._buffers: tuple[bytearray, bytearray] | None = None
         self._current = 0
         self._fill = 0
         self._pending: asyncio.Future[None] | None = None
@@ -172,6 +174,8 @@ class BatchWriter:
 
     async def write(self, chunk: bytes | memoryview) -> None:
         view = memoryview(chunk).cast("B")
+        if self._buffers is None:
+            self._buffers = (bytearray(IO_BATCH), bytearray(IO_BATCH))
         while view:
             n = min(len(view), IO_BATCH - self._fill)
             self._buffers[self._current][self._fill : self._fill + n] = view[:n]
@@ -186,6 +190,7 @@ class BatchWriter:
 
     async def _submit(self) -> None:
         await self._wait_pending()
+        assert self._buffers is not None  # something was written
         data = memoryview(self._buffers[self._current])[: self._fill]
         self._pending = asyncio.ensure_future(
             asyncio.to_thread(self._write_batch, data, self.pos)
@@ -245,6 +250,30 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate ``[offset, offset+length)`` of a file so that it reads as zeros and
+    takes no space (fallocate PUNCH_HOLE, size kept).  False where the file system or
+    the platform cannot (the caller then writes zeros); other errors raise."""
+    global _libc
+    if length <= 0:
+        return True
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

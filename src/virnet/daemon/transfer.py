@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from typing import TypeVar
 
-from .._fileio import IO_BATCH, BatchWriter, read_blocks, segments
+from .._fileio import IO_BATCH, BatchWriter, punch_hole, read_blocks, segments
 from ..errors import ErrorCode, ErrorDomain, RPCError
 from ..server import CallContext, Server
 from ..services import files as f
@@ -292,12 +292,14 @@ def _extend_and_sync(fd: int, end: int) -> None:
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
     """In-place sparse writes: make the range that overlaps the existing file read as
-    zeros (the standard library has no hole punching, so zeros are written).  Past the
-    end nothing is needed: the gap reads as zeros once the file is extended (by later
-    data, or by ``_extend_and_sync`` at the end)."""
+    zeros, by deallocating it where the file system can (so a sparse image stays
+    sparse), else by writing zeros.  Past the end nothing is needed: the gap reads as
+    zeros once the file is extended (by later data, or by ``_extend_and_sync``)."""
     size = os.fstat(fd).st_size
     n = min(length, size - offset)
-    zeros = bytes(min(max(n, 0), IO_BATCH))
+    if n <= 0 or punch_hole(fd, offset, n):
+        return
+    zeros = bytes(min(n, IO_BATCH))
     while n > 0:
         k = min(n, len(zeros))
         os.pwrite(fd, zeros[:k], offset)
