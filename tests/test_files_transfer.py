@@ -12,17 +12,15 @@ import errno
 import hashlib
 import os
 import stat
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
 
 import virnet
 from _rpcutil import pattern, remove_tree, short_tmpdir, sock_uri
 from virnet import _impl, protocol, transfer, xdr
-from virnet.daemon import transfer as daemon_transfer
+from virnet.daemon import paths as daemon_paths
 from virnet.daemon.app import Daemon
 from virnet.daemon.config import DaemonConfig
 from virnet.errors import ConnectionClosedError, ErrorCode, RPCError, StreamError
@@ -329,16 +327,16 @@ async def test_client_vanishing_while_the_upload_is_set_up_leaves_nothing(
     write(target, old)
     entered, release = threading.Event(), threading.Event()
     made: list[tuple[int, str]] = []
-    real_mkstemp = tempfile.mkstemp
+    real_create_temp = daemon_paths.create_temp
 
-    def slow_mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
-        fd, name = real_mkstemp(*args, **kwargs)
-        made.append((fd, name))
+    def slow_create_temp(parent: int, name: str) -> tuple[int, str]:
+        fd, tmp = real_create_temp(parent, name)
+        made.append((fd, env.path(tmp)))
         entered.set()
         release.wait(10)  # a slow file system
-        return fd, name
+        return fd, tmp
 
-    monkeypatch.setattr(daemon_transfer.tempfile, "mkstemp", slow_mkstemp)
+    monkeypatch.setattr(daemon_paths, "create_temp", slow_create_temp)
     c = await virnet.connect(env.uri)
     try:
         opening = asyncio.ensure_future(

@@ -1,9 +1,10 @@
 """Handlers of the FILES program (non-stream procedures; UPLOAD/DOWNLOAD live with the
 stream machinery).  Blocking file-system work runs in worker threads so one slow disk
 operation never stalls the event loop that serves every client (resolving the path
-included: ``realpath`` reads the file system too): quick metadata calls in a
-``BlockingPool`` (results handed back in batches), checksums (whole files) in asyncio's
-default executor so they never hold up the quick ones."""
+included: it reads the file system too): quick metadata calls in a ``BlockingPool``
+(results handed back in batches), checksums (whole files) in asyncio's default executor
+so they never hold up the quick ones.  Paths are resolved beneath the root's descriptor
+and each call then works on the descriptors found (``paths``, ``confine``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .._blocking import BlockingPool
 from ..errors import ErrorCode, ErrorDomain, RPCError
 from ..server import CallContext, Server
 from ..services import files as f
-from .paths import Root, path_error, system_error
+from .paths import Root, system_error
 
 CHECKSUM_BLOCK = 1024 * 1024
 
@@ -59,7 +60,7 @@ class FilesService:
 
     async def stat(self, ctx: CallContext, args: f.PathArgs) -> f.StatReply:
         try:
-            st = await self._blocking(lambda: os.stat(self.root.resolve(args.path)))
+            st = await self._blocking(self.root.stat, args.path)
         except OSError as exc:
             raise system_error(exc, f"stat {args.path!r}") from None
         return f.StatReply(
@@ -73,13 +74,19 @@ class FilesService:
     async def list(self, ctx: CallContext, args: f.PathArgs) -> f.ListReply:
         def scan() -> list[f.Entry]:
             out = []
-            with os.scandir(self.root.resolve(args.path)) as it:
-                for entry in it:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    out.append(f.Entry(entry.name, int(_kind(st.st_mode)), st.st_size))
+            fd = self.root.open_directory(args.path)
+            try:
+                # scandir(fd) reads the directory itself; its entries' stat is relative
+                # to it (fstatat), never a path looked up again.
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        out.append(f.Entry(entry.name, int(_kind(st.st_mode)), st.st_size))
+            finally:
+                os.close(fd)
             out.sort(key=lambda e: e.name)
             return out
 
@@ -90,13 +97,15 @@ class FilesService:
 
     async def delete(self, ctx: CallContext, args: f.PathArgs) -> None:
         def remove() -> None:
-            path = self.root.resolve(args.path, follow_last=False)
-            if path == self.root.path:
-                raise path_error("refusing to delete the data root")
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.rmdir(path)
-            else:
-                os.unlink(path)
+            # The name itself: a symlink is removed, never followed.
+            parent, name = self.root.parent(args.path, "delete")
+            try:
+                try:
+                    os.unlink(name, dir_fd=parent)
+                except IsADirectoryError:  # Linux: unlink(2) of a directory
+                    os.rmdir(name, dir_fd=parent)
+            finally:
+                os.close(parent)
 
         try:
             await self._blocking(remove)
@@ -105,7 +114,11 @@ class FilesService:
 
     async def mkdir(self, ctx: CallContext, args: f.PathArgs) -> None:
         def make() -> None:
-            os.mkdir(self.root.resolve(args.path, follow_last=False), 0o755)
+            parent, name = self.root.parent(args.path, "create")
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent)
+            finally:
+                os.close(parent)
 
         try:
             await self._blocking(make)
@@ -122,13 +135,8 @@ class FilesService:
             )
         def digest() -> bytes:
             h: Any = hashlib.new(algorithm)
-            path = self.root.resolve(args.path)
-            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise IsADirectoryError(21, "not a regular file")
-            os.set_blocking(fd, True)
+            # Refuses anything but a regular file (a FIFO would wait for a writer).
+            fd, _ = self.root.open_regular(args.path, os.O_RDONLY)
             with open(fd, "rb") as fh:
                 buf = bytearray(CHECKSUM_BLOCK)
                 view = memoryview(buf)

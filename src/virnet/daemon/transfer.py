@@ -7,6 +7,9 @@ as it was.  Any other offset/length writes in place into an existing file, and a
 non-zero length must be met exactly (more is a stream error as soon as it arrives, less
 fails the finish).  SPARSE re-creates holes by seeking; EXCLUSIVE fails if the path
 exists (checked before the stream opens, and again at commit time without a race).
+Paths resolve beneath the data root's descriptor and everything after works on the
+descriptors found (``paths``): the temporary file is created in, and renamed within, the
+directory descriptor held from setup to commit or discard.
 
 DOWNLOAD replies with the number of bytes the stream will cover and sends them; with
 SPARSE, holes found by SEEK_DATA/SEEK_HOLE travel as STREAM_HOLE.
@@ -15,12 +18,8 @@ SPARSE, holes found by SEEK_DATA/SEEK_HOLE travel as STREAM_HOLE.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import functools
 import os
-import stat
-import tempfile
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -29,7 +28,7 @@ from ..errors import ErrorCode, ErrorDomain, RPCError
 from ..server import CallContext, Server
 from ..services import files as f
 from ..stream import Hole
-from .paths import Root, path_error, system_error
+from .paths import Replacement, Root, exists_error, system_error
 
 T = TypeVar("T")
 
@@ -40,15 +39,6 @@ _KNOWN_FLAGS = int(
 
 def _arg_error(message: str) -> RPCError:
     return RPCError(message, code=ErrorCode.INVALID_ARG, domain=ErrorDomain.STORAGE)
-
-
-def _exists_error(wire_path: str) -> RPCError:
-    return RPCError(
-        f"{wire_path!r} already exists",
-        code=ErrorCode.OPERATION_INVALID,
-        domain=ErrorDomain.STORAGE,
-        int1=errno.EEXIST,
-    )
 
 
 class TransferService:
@@ -73,41 +63,11 @@ class TransferService:
             await self._in_place(ctx, args, sparse)
 
     async def _replace(self, ctx: CallContext, wire_path: str, sparse: bool, excl: bool) -> None:
-        def prepare() -> tuple[str, int, str]:
-            path = self.root.resolve(wire_path, follow_last=False)
-            if path == self.root.path:
-                raise path_error("cannot upload over the data root")
-            parent, name = os.path.split(path)
-            # lstat: a symlink at the path is replaced itself, never followed (it may
-            # lead outside the root, or nowhere); the new file then gets the default mode.
-            try:
-                old = os.lstat(path)
-            except FileNotFoundError:
-                old = None
-            except OSError as exc:
-                raise system_error(exc, f"stat {wire_path!r}") from None
-            if old is not None:
-                if excl:
-                    raise _exists_error(wire_path)
-                if stat.S_ISDIR(old.st_mode):
-                    raise _arg_error(f"{wire_path!r} is a directory")
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".virnet-part", dir=parent)
-            except OSError as exc:
-                raise system_error(exc, f"create a temporary file for {wire_path!r}") from None
-            # A regular file's mode carries over to its replacement.
-            if old is not None and stat.S_ISREG(old.st_mode):
-                mode = stat.S_IMODE(old.st_mode)
-            else:
-                mode = 0o644
-            try:
-                os.fchmod(fd, mode)
-            except OSError as exc:
-                _release((path, fd, tmp))
-                raise system_error(exc, f"write {wire_path!r}") from None
-            return path, fd, tmp
+        def prepare() -> Replacement:
+            return self.root.replacement(wire_path, exclusive=excl)
 
-        path, fd, tmp = await _setup_in_thread(prepare, _release)
+        rep = await _setup_in_thread(prepare, Replacement.release)
+        fd = rep.fd
         committed = False
         writer = BatchWriter(fd)
         try:
@@ -123,25 +83,26 @@ class TransferService:
             # In a thread: replacing (or unlinking) a large file frees all its pages
             # inside the system call, ~0.1 s per 2 GiB on tmpfs, more on some disks.
             try:
-                await asyncio.to_thread(_commit, tmp, path, excl)
+                await asyncio.to_thread(rep.commit, excl)
             except FileExistsError:
-                raise _exists_error(wire_path) from None
+                raise exists_error(wire_path) from None
             committed = True
         except OSError as exc:
             raise system_error(exc, f"write {wire_path!r}") from None
         finally:
             await writer.aclose()
-            os.close(fd)
-            if not committed:
-                await asyncio.to_thread(_discard, tmp)
+            if committed:
+                rep.close()
+            else:
+                # In a thread, discard and close together: even if this wait is
+                # cancelled, the job still closes the directory after using it.
+                await asyncio.to_thread(rep.release)
 
     async def _in_place(self, ctx: CallContext, args: f.TransferArgs, sparse: bool) -> None:
         def open_target() -> int:
-            # O_NONBLOCK: opening a FIFO must not wait for a reader (regular files ignore
-            # it); anything but a regular file is refused.
-            fd, _ = _open_regular(
-                self.root.resolve(args.path), os.O_WRONLY, args.path, "open {!r} for writing"
-            )
+            # Through a symlink in the root, to the file it leads to; anything but a
+            # regular file is refused.
+            fd, _ = _open_regular(self.root, args.path, os.O_WRONLY, "open {!r} for writing")
             return fd
 
         fd = await _setup_in_thread(open_target, os.close)
@@ -186,7 +147,7 @@ class TransferService:
         sparse = bool(args.flags & f.TransferFlags.SPARSE)
 
         def open_source() -> tuple[int, int]:
-            return _open_regular(self.root.resolve(args.path), os.O_RDONLY, args.path, "open {!r}")
+            return _open_regular(self.root, args.path, os.O_RDONLY, "open {!r}")
 
         fd, file_size = await _setup_in_thread(open_source, lambda opened: os.close(opened[0]))
         try:
@@ -234,46 +195,14 @@ def _undo_when_done(undo: Callable[[T], None], job: asyncio.Future[T]) -> None:
         undo(job.result())
 
 
-def _open_regular(path: str, mode: int, wire_path: str, what: str) -> tuple[int, int]:
-    """Open ``path`` and refuse anything but a regular file; the descriptor and the file's
-    size.  O_NONBLOCK: opening a FIFO must not wait for its other end (regular files
-    ignore the flag)."""
-    action = what.format(wire_path)
+def _open_regular(root: Root, wire_path: str, mode: int, what: str) -> tuple[int, int]:
+    """Open ``wire_path`` (a regular file, anything else is refused) with ``mode``; the
+    descriptor and the file's size.  Every failure is an ``RPCError``."""
     try:
-        fd = os.open(path, mode | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd, st = root.open_regular(wire_path, mode)
     except OSError as exc:
-        raise system_error(exc, action) from None
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise system_error(exc, action) from None
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise _arg_error(f"{wire_path!r} is not a regular file")
+        raise system_error(exc, what.format(wire_path)) from None
     return fd, st.st_size
-
-
-def _release(prepared: tuple[str, int, str]) -> None:
-    """Undo an atomic upload's preparation: close and remove its temporary file."""
-    _, fd, tmp = prepared
-    os.close(fd)
-    _discard(tmp)
-
-
-def _commit(tmp: str, path: str, exclusive: bool) -> None:
-    """Put the finished temporary file in place of ``path``."""
-    if exclusive:
-        # link() refuses to replace: no window where another upload is overwritten.
-        os.link(tmp, path)
-        os.unlink(tmp)
-    else:
-        os.replace(tmp, path)
-
-
-def _discard(tmp: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
 
 
 def _finish_file(fd: int, size: int) -> None:
