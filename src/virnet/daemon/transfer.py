@@ -55,14 +55,19 @@ class TransferService:
             raise _arg_error(f"unsupported flags {args.flags & ~_KNOWN_FLAGS:#x}")
         sparse = bool(args.flags & f.TransferFlags.SPARSE)
         exclusive = bool(args.flags & f.TransferFlags.EXCLUSIVE)
+        # Durable by default: the data and (for a replacement) the directory entry are
+        # on disk before the reply says the upload is done.  NO_SYNC is for scratch data.
+        sync = not args.flags & f.TransferFlags.NO_SYNC
         if args.offset == 0 and args.length == 0:
-            await self._replace(ctx, args.path, sparse, exclusive)
+            await self._replace(ctx, args.path, sparse, exclusive, sync)
         else:
             if exclusive:
                 raise _arg_error("EXCLUSIVE applies to whole-file uploads only")
-            await self._in_place(ctx, args, sparse)
+            await self._in_place(ctx, args, sparse, sync)
 
-    async def _replace(self, ctx: CallContext, wire_path: str, sparse: bool, excl: bool) -> None:
+    async def _replace(
+        self, ctx: CallContext, wire_path: str, sparse: bool, excl: bool, sync: bool
+    ) -> None:
         def prepare() -> Replacement:
             return self.root.replacement(wire_path, exclusive=excl)
 
@@ -79,11 +84,11 @@ class TransferService:
                     await writer.write(item)
             await writer.flush()
             size = writer.pos
-            await asyncio.to_thread(_finish_file, fd, size)
+            await asyncio.to_thread(_finish_file, fd, size, sync)
             # In a thread: replacing (or unlinking) a large file frees all its pages
             # inside the system call, ~0.1 s per 2 GiB on tmpfs, more on some disks.
             try:
-                await asyncio.to_thread(rep.commit, excl)
+                await asyncio.to_thread(functools.partial(rep.commit, excl, sync=sync))
             except FileExistsError:
                 raise exists_error(wire_path) from None
             committed = True
@@ -98,7 +103,9 @@ class TransferService:
                 # cancelled, the job still closes the directory after using it.
                 await asyncio.to_thread(rep.release)
 
-    async def _in_place(self, ctx: CallContext, args: f.TransferArgs, sparse: bool) -> None:
+    async def _in_place(
+        self, ctx: CallContext, args: f.TransferArgs, sparse: bool, sync: bool
+    ) -> None:
         def open_target() -> int:
             # Through a symlink in the root, to the file it leads to; anything but a
             # regular file is refused.
@@ -133,7 +140,7 @@ class TransferService:
                     code=ErrorCode.INVALID_ARG,
                     domain=ErrorDomain.STREAMS,
                 )
-            await asyncio.to_thread(_extend_and_sync, fd, writer.pos)
+            await asyncio.to_thread(_extend_and_sync, fd, writer.pos, sync)
         except OSError as exc:
             raise system_error(exc, f"write {args.path!r}") from None
         finally:
@@ -205,18 +212,20 @@ def _open_regular(root: Root, wire_path: str, mode: int, what: str) -> tuple[int
     return fd, st.st_size
 
 
-def _finish_file(fd: int, size: int) -> None:
+def _finish_file(fd: int, size: int, sync: bool) -> None:
     # A trailing hole only exists once the file is extended to its full size.
     if os.fstat(fd).st_size != size:
         os.ftruncate(fd, size)
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
 
 
-def _extend_and_sync(fd: int, end: int) -> None:
+def _extend_and_sync(fd: int, end: int, sync: bool) -> None:
     # In place, a trailing hole past the old end extends the file (never shrinks it).
     if os.fstat(fd).st_size < end:
         os.ftruncate(fd, end)
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
