@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 
 import virnet
+from _rpcutil import remove_tree, short_tmpdir, sock_uri
 from virnet import _fileio
 from virnet.daemon import paths, transfer
 from virnet.daemon.app import Daemon
 from virnet.daemon.config import DaemonConfig
 from virnet.services import files as f
-
-from _rpcutil import remove_tree, short_tmpdir, sock_uri
 
 MiB = 1024 * 1024
 SPARSE = int(f.TransferFlags.SPARSE)
@@ -163,7 +162,7 @@ async def test_idle_upload_streams_hold_no_write_buffers(
     daemon: tuple[Daemon, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An open upload that has not sent a byte yet costs no batch buffers."""
-    d, uri = daemon
+    _d, uri = daemon
     writers: list[_fileio.BatchWriter] = []
     real = transfer.BatchWriter
 
