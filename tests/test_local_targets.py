@@ -224,9 +224,20 @@ class FsyncSpy:
                 self.events.append(("fsync", what))
             real_fsync(fd)
 
+        def where(name: Any, dir_fd: int | None) -> str:
+            # Relative to a directory descriptor (the daemon's confined renames): name
+            # the directory it stands for.
+            if dir_fd is None:
+                return str(name)
+            return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), str(name))
+
         def replace(src: Any, dst: Any, **kwargs: Any) -> None:
             with self.lock:
-                self.events.append(("replace", str(src), str(dst)))
+                self.events.append((
+                    "replace",
+                    where(src, kwargs.get("src_dir_fd")),
+                    where(dst, kwargs.get("dst_dir_fd")),
+                ))
             real_replace(src, dst, **kwargs)
 
         monkeypatch.setattr(os, "fsync", fsync)
