@@ -13,7 +13,7 @@ import pytest
 
 import virnet
 from _rpcutil import remove_tree, short_tmpdir, sock_uri
-from virnet import _fileio
+from virnet import _fileio, _syscalls
 from virnet.daemon import paths, transfer
 from virnet.daemon.app import Daemon
 from virnet.daemon.config import DaemonConfig
@@ -138,7 +138,7 @@ async def test_in_place_sparse_upload_punches_holes(
         data = fh.read()
     assert data == b"H" * MiB + bytes(6 * MiB) + b"T" * MiB
     after = os.stat(target).st_blocks * 512
-    if not _fileio.punch_hole(os.open(target, os.O_RDONLY), 0, 0):  # pragma: no cover
+    if not _syscalls.punch_hole(os.open(target, os.O_RDONLY), 0, 0):  # pragma: no cover
         pytest.skip("this file system cannot punch holes")
     assert after <= before - 5 * MiB, (before, after)
 

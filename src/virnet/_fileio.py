@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
+
+from ._syscalls import never_waits
 
 IO_BATCH = 1024 * 1024
 
@@ -83,14 +84,20 @@ class BufferPool:
         return memoryview(buf)
 
 
-def _read_into(fd: int, view: memoryview, offset: int | None) -> memoryview:
+def _read_into(fd: int, view: memoryview, offset: int | None, flags: int = 0) -> memoryview:
     """Fill ``view`` from ``fd`` (at ``offset``, or at the descriptor's position); the
     part read, read-only, so that a stream sends it without copying."""
     try:
-        n = os.readv(fd, [view]) if offset is None else os.preadv(fd, [view], offset)
+        n = os.readv(fd, [view]) if offset is None else os.preadv(fd, [view], offset, flags)
         return view[:n].toreadonly()
     finally:
         view.release()
+
+
+#: preadv2's "only if it needs no disk I/O" flag: page-cached data is read on the event
+#: loop, the rest in a thread.  Not every file system has it (tmpfs does not; there
+#: every read is inline anyway).
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 async def read_until_eof(fd: int, length: int | None = None) -> AsyncIterator[memoryview]:
@@ -102,11 +109,16 @@ async def read_until_eof(fd: int, length: int | None = None) -> AsyncIterator[me
     stream does, until the data is written to the socket)."""
     done = 0
     pool = BufferPool()
+    inline = never_waits(fd)  # /dev/zero and its kind: no thread hop per block
     while length is None or done < length:
         view = pool.take()
         if length is not None and length - done < len(view):
             view = view[: length - done]
-        block = await asyncio.to_thread(_read_into, fd, view, None)
+        if inline:
+            block = _read_into(fd, view, None)
+            await asyncio.sleep(0)  # let the stream's flush run between blocks
+        else:
+            block = await asyncio.to_thread(_read_into, fd, view, None)
         del view
         if not block:
             if length is not None:
@@ -118,29 +130,53 @@ async def read_until_eof(fd: int, length: int | None = None) -> AsyncIterator[me
 
 
 async def read_blocks(fd: int, start: int, length: int) -> AsyncIterator[memoryview]:
-    """Read ``[start, start+length)`` in ~1 MiB blocks, the next one prefetched in a
-    thread while the caller handles the current one.  Blocks are read-only views of
-    pooled buffers (see ``BufferPool``)."""
+    """Read ``[start, start+length)`` in ~1 MiB blocks.  Blocks are read-only views of
+    pooled buffers (see ``BufferPool``).
+
+    Where a read cannot wait on a device (a memory file system: ``never_waits``) it runs
+    on the event loop: a thread hop per block costs more than the copy, and on a busy
+    machine the worker then waits for the GIL behind the loop.  Elsewhere a block that
+    is in the page cache is read inline too (``RWF_NOWAIT``), and one that is not is
+    read in a worker thread, the next block prefetched while the caller sends this one.
+    """
     pos = start
     end = start + length
     pool = BufferPool()
+    inline = never_waits(fd)
+    nowait = _NOWAIT if not inline else 0
 
-    def read(at: int) -> asyncio.Future[memoryview]:
+    def view_at(at: int) -> memoryview:
         view = pool.take()
-        if end - at < len(view):
-            view = view[: end - at]
-        return asyncio.ensure_future(asyncio.to_thread(_read_into, fd, view, at))
+        return view[: end - at] if end - at < len(view) else view
 
-    pending = read(pos) if pos < end else None
+    def in_thread(at: int) -> asyncio.Future[memoryview]:
+        return asyncio.ensure_future(asyncio.to_thread(_read_into, fd, view_at(at), at))
+
+    pending: asyncio.Future[memoryview] | None = None
     try:
-        while pending is not None:
-            block = await pending
-            pending = None
+        while pos < end:
+            if pending is not None:
+                block = await pending
+                pending = None
+            elif inline:
+                block = _read_into(fd, view_at(pos), pos)
+            elif nowait:
+                try:
+                    block = _read_into(fd, view_at(pos), pos, nowait)
+                except BlockingIOError:  # not cached: read it (and the next) in threads
+                    block = await in_thread(pos)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    nowait = 0  # this file system cannot tell: threads from now on
+                    block = await in_thread(pos)
+            else:
+                block = await in_thread(pos)
             if not block:
                 raise OSError(errno.EIO, f"file shrank while reading (at offset {pos})")
             pos += len(block)
-            if pos < end:
-                pending = read(pos)
+            if pos < end and not inline and not nowait:
+                pending = in_thread(pos)
             yield block
             del block
     finally:
@@ -149,18 +185,21 @@ async def read_blocks(fd: int, start: int, length: int) -> AsyncIterator[memoryv
 
 
 class BatchWriter:
-    """Writes received chunks to a file in ~1 MiB batches from a worker thread.
+    """Writes received chunks to a file in ~1 MiB batches from a worker thread, or, where
+    a write cannot wait on a device (``never_waits``: memory file systems, /dev/null
+    and its kind), each chunk at once on the event loop without a copy.
 
-    Chunks are copied into one of two batch buffers, so the receive buffers they came in
+    In batches, chunks are copied into one of two batch buffers, so the receive buffers they came in
     are free again at once (holding them until the disk write would exhaust the
     decoder's buffer pool), and one batch is written while the next one fills: the disk
     and the socket work at the same time.  ``skip()`` leaves a hole by moving the
     position.  ``aclose()`` must be awaited before the file descriptor is closed.
     """
 
-    def __init__(self, fd: int, offset: int = 0) -> None:
+    def __init__(self, fd: int, offset: int = 0, *, inline: bool | None = None) -> None:
         self.fd = fd
         self.pos = offset  # file offset of the first byte of the batch being filled
+        self.inline = never_waits(fd) if inline is None else inline
         # Made on the first write: an upload stream that is open but idle holds nothing.
         self._buffers: tuple[bytearray, bytearray] | None = None
         self._current = 0
@@ -174,6 +213,10 @@ class BatchWriter:
 
     async def write(self, chunk: bytes | memoryview) -> None:
         view = memoryview(chunk).cast("B")
+        if self.inline:
+            self._write_batch(view, self.pos)
+            self.pos += len(view)
+            return
         if self._buffers is None:
             self._buffers = (bytearray(IO_BATCH), bytearray(IO_BATCH))
         while view:
@@ -229,8 +272,8 @@ class SequentialWriter(BatchWriter):
     is written as zeros (a pipe has no holes, and a device's old contents must not show
     through)."""
 
-    def __init__(self, fd: int) -> None:
-        super().__init__(fd, 0)
+    def __init__(self, fd: int, *, inline: bool | None = None) -> None:
+        super().__init__(fd, 0, inline=inline)
 
     async def skip(self, length: int) -> None:
         zeros = memoryview(_ZEROS)
@@ -250,30 +293,6 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: ctypes.CDLL | None = None
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate ``[offset, offset+length)`` of a file so that it reads as zeros and
-    takes no space (fallocate PUNCH_HOLE, size kept).  False where the file system or
-    the platform cannot (the caller then writes zeros); other errors raise."""
-    global _libc
-    if length <= 0:
-        return True
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    if _libc.fallocate(fd, mode, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-        return False
-    raise OSError(err, os.strerror(err))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

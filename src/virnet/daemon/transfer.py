@@ -23,7 +23,8 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from .._fileio import IO_BATCH, BatchWriter, punch_hole, read_blocks, segments
+from .._fileio import IO_BATCH, BatchWriter, read_blocks, segments
+from .._syscalls import punch_hole
 from ..errors import ErrorCode, ErrorDomain, RPCError
 from ..server import CallContext, Server
 from ..services import files as f
