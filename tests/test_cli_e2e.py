@@ -2,7 +2,7 @@
 
 Everything here runs the real console scripts as subprocesses (no in-process shortcuts):
 a daemon on a Unix socket under a short ``/tmp/vn-*`` directory, the client talking to it,
-and the exit statuses and messages of SPEC section 5 checked from the outside.  The tests
+and the exit statuses and messages of docs/cli.md checked from the outside.  The tests
 are synchronous on purpose: the executables run their own event loops.
 """
 

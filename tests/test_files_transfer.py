@@ -1,4 +1,4 @@
-"""FILES UPLOAD and DOWNLOAD (SPEC section 3) against an in-process ``Daemon`` over a real
+"""FILES UPLOAD and DOWNLOAD (docs/protocol.md) against an in-process ``Daemon`` over a real
 Unix socket: whole-file atomic replace, in-place writes with exact lengths, EXCLUSIVE,
 downloads with offset/length, sparse transfers both ways, path confinement, read-only
 listeners, and the client helpers of ``virnet.transfer``.  Every transfer is checked byte

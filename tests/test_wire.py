@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from virnet.constants import MAX_MESSAGE, STREAM_CHUNK
 from virnet.errors import ProtocolError
 
-# Golden packets, written out from libvirt's layout (facts sheet sections 1-3), not from
+# Golden packets, written out from libvirt's layout (docs/protocol.md), not from
 # our encoder: length word, prog, vers, proc, type, serial, status, payload.
 CONNECT_OPEN_CALL = bytes.fromhex(
     "00000038"  # 56 bytes in all

@@ -1,4 +1,4 @@
-"""``virnet``: the command-line client (SPEC section 5).
+"""``virnet``: the command-line client (docs/cli.md describes every command).
 
 Exit status: 0 success, 1 the operation failed (one ``virnet: error: ...`` line on
 stderr), 2 usage error.

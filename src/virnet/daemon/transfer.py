@@ -1,4 +1,4 @@
-"""FILES UPLOAD and DOWNLOAD (SPEC section 3).
+"""FILES UPLOAD and DOWNLOAD (the wire contract is in docs/protocol.md).
 
 UPLOAD with offset 0 and length 0 replaces the whole file atomically: data goes to a
 temporary file beside the target, which is renamed over it only after the client's
