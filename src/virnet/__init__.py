@@ -39,5 +39,35 @@ from .program import Program as Program
 from .program import StreamDirection as StreamDirection
 from .server import CallContext as CallContext
 from .server import Server as Server
+from .stream import Hole as Hole
+from .stream import Stream as Stream
+from .stream import StreamEvent as StreamEvent
+from .stream import StreamState as StreamState
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CallContext",
+    "CallTimeoutError",
+    "Client",
+    "ConnectionClosedError",
+    "Event",
+    "Hole",
+    "Mode",
+    "Procedure",
+    "Program",
+    "ProtocolError",
+    "RPCError",
+    "Server",
+    "Stream",
+    "StreamDirection",
+    "StreamError",
+    "StreamEvent",
+    "StreamState",
+    "VirnetError",
+    "XdrError",
+    "compiled",
+    "connect",
+    "constants",
+    "xdr",
+]

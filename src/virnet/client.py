@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from . import protocol, xdr
 from ._core import Buffer, Mode
@@ -24,7 +24,7 @@ from .constants import (
     MessageStatus,
 )
 from .errors import CallTimeoutError, ConnectionClosedError, ProtocolError, RPCError, XdrError
-from .program import Event, Procedure, StreamDirection
+from .program import A, Event, Procedure, R, StreamDirection
 from .stream import Stream, StreamState
 
 log = logging.getLogger("virnet")
@@ -110,8 +110,8 @@ class Client:
 
     # ------------------------------------------------------------------ calls
     async def call(
-        self, procedure: Procedure, args: Any = None, *, timeout: float | None = None
-    ) -> Any:
+        self, procedure: Procedure[A, R], args: A | None = None, *, timeout: float | None = None
+    ) -> R:
         """Call ``procedure`` with ``args``; returns the decoded reply.
 
         Raises ``RPCError`` (with libvirt's error fields) for an error reply,
@@ -119,7 +119,7 @@ class Client:
         ``ConnectionClosedError`` when the connection ends.
         """
         packer = Packer()
-        procedure.args.pack(packer, args)
+        procedure.args.pack(packer, cast(A, args))  # None for a void procedure
         prog = procedure.program
         proto = self._proto
         if timeout is not None or proto.transport is None:
@@ -143,7 +143,7 @@ class Client:
                 raise protocol.decode_error(data)
         try:
             unpacker = Unpacker(data)
-            value = procedure.ret.unpack(unpacker)
+            value: R = procedure.ret.unpack(unpacker)
             unpacker.done()
         except XdrError as exc:
             raise ProtocolError(f"bad reply to {procedure!r}: {exc}") from None
@@ -200,7 +200,7 @@ class Client:
 
     async def open_stream(
         self,
-        procedure: Procedure,
+        procedure: Procedure[Any, Any],
         args: Any = None,
         *,
         sparse: bool = False,

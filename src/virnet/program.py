@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, cast, overload
 
 from . import xdr
 from .xdr import XdrType
@@ -28,26 +28,33 @@ class StreamDirection(enum.Enum):
     BOTH = "both"
 
 
+A = TypeVar("A")  # a procedure's argument type
+R = TypeVar("R")  # its reply type
+
+
 @dataclass(frozen=True, eq=False)
-class Procedure:
+class Procedure(Generic[A, R]):
+    """One procedure of a program; ``Procedure[Args, Reply]`` carries its argument and
+    reply types, so ``Client.call(STAT, ...)`` is typed ``StatReply`` end to end."""
+
     program: Program
     number: int
     name: str
-    args: XdrType[Any]
-    ret: XdrType[Any]
+    args: XdrType[A]
+    ret: XdrType[R]
     stream: StreamDirection | None = None
 
-    def encode_args(self, value: Any) -> bytes:
+    def encode_args(self, value: A) -> bytes:
         return xdr.encode(self.args, value)
 
-    def decode_args(self, data: bytes | bytearray | memoryview) -> Any:
-        return xdr.decode(self.args, data)
+    def decode_args(self, data: bytes | bytearray | memoryview) -> A:
+        return cast(A, xdr.decode(self.args, data))
 
-    def encode_ret(self, value: Any) -> bytes:
+    def encode_ret(self, value: R) -> bytes:
         return xdr.encode(self.ret, value)
 
-    def decode_ret(self, data: bytes | bytearray | memoryview) -> Any:
-        return xdr.decode(self.ret, data)
+    def decode_ret(self, data: bytes | bytearray | memoryview) -> R:
+        return cast(R, xdr.decode(self.ret, data))
 
     def __repr__(self) -> str:
         return f"<Procedure {self.program.name}.{self.name} ({self.number})>"
@@ -71,9 +78,36 @@ class Program:
     name: str
     number: int
     version: int
-    procedures: dict[int, Procedure] = field(default_factory=dict, repr=False)
+    procedures: dict[int, Procedure[Any, Any]] = field(default_factory=dict, repr=False)
     events: dict[int, Event] = field(default_factory=dict, repr=False)
 
+    # The argument and reply specs are struct classes or None (void) in every program
+    # here; anything else ``xdr.type_of`` accepts gives an untyped ``Procedure[Any, Any]``.
+    @overload
+    def procedure(
+        self, number: int, name: str, args: type[A], ret: type[R], *,
+        stream: StreamDirection | None = None,
+    ) -> Procedure[A, R]: ...
+    @overload
+    def procedure(
+        self, number: int, name: str, args: type[A], ret: None = None, *,
+        stream: StreamDirection | None = None,
+    ) -> Procedure[A, None]: ...
+    @overload
+    def procedure(
+        self, number: int, name: str, args: None, ret: type[R], *,
+        stream: StreamDirection | None = None,
+    ) -> Procedure[None, R]: ...
+    @overload
+    def procedure(
+        self, number: int, name: str, args: None = None, ret: None = None, *,
+        stream: StreamDirection | None = None,
+    ) -> Procedure[None, None]: ...
+    @overload
+    def procedure(
+        self, number: int, name: str, args: Any, ret: Any, *,
+        stream: StreamDirection | None = None,
+    ) -> Procedure[Any, Any]: ...
     def procedure(
         self,
         number: int,
@@ -82,7 +116,7 @@ class Program:
         ret: Any = None,
         *,
         stream: StreamDirection | None = None,
-    ) -> Procedure:
+    ) -> Procedure[Any, Any]:
         if number in self.procedures:
             raise ValueError(f"{self.name}: procedure {number} is declared twice")
         proc = Procedure(self, number, name, xdr.type_of(args), xdr.type_of(ret), stream)

@@ -72,7 +72,7 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 
 @dataclass(frozen=True)
 class _Registration:
-    procedure: Procedure
+    procedure: Procedure[Any, Any]
     handler: Handler
     readonly: bool
 
@@ -82,7 +82,9 @@ class CallContext:
 
     __slots__ = ("connection", "procedure", "serial", "stream")
 
-    def __init__(self, connection: ServerConnection, procedure: Procedure, serial: int):
+    def __init__(
+        self, connection: ServerConnection, procedure: Procedure[Any, Any], serial: int
+    ):
         self.connection = connection
         self.procedure = procedure
         self.serial = serial
@@ -404,7 +406,9 @@ class Server:
         self._refusals = _Refusals()
 
     # ------------------------------------------------------------------ registration
-    def register(self, procedure: Procedure, handler: Handler, *, readonly: bool = False) -> None:
+    def register(
+        self, procedure: Procedure[Any, Any], handler: Handler, *, readonly: bool = False
+    ) -> None:
         """Serve ``procedure`` with ``async handler(ctx, args) -> reply``.
 
         ``readonly=True`` allows it on read-only listeners too.
@@ -417,7 +421,7 @@ class Server:
         self.handlers[key] = _Registration(procedure, handler, readonly)
 
     def handler(
-        self, procedure: Procedure, *, readonly: bool = False
+        self, procedure: Procedure[Any, Any], *, readonly: bool = False
     ) -> Callable[[Handler], Handler]:
         """Decorator form of ``register``."""
 
