@@ -731,3 +731,45 @@ async def test_calls_beside_a_saturating_download(env: Env) -> None:
         proto = c.protocol
         assert not proto._read_pausers and not proto._reading_paused
         assert (await c.call(ECHO, EchoArgs("after", 0, 7))).n == 8
+
+
+async def _stream_whose_server_stopped_reading(env: Env, c: virnet.Client) -> virnet.Stream:
+    """An upload stream whose server end no longer reads the socket: an abort is sent
+    but never confirmed."""
+    st = await c.open_stream(SINK, StreamArgs(10_000_000, 31, MODE_NORMAL))
+    await st.send(b"x" * 1000)
+    (conn,) = env.server.connections
+    assert conn.transport is not None
+    conn.transport.pause_reading()
+    return st
+
+
+async def test_abort_waits_at_most_its_timeout(env: Env) -> None:
+    async with await virnet.connect(env.uri) as c:
+        st = await _stream_whose_server_stopped_reading(env, c)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await st.abort(timeout=0.2)
+        assert 0.15 < loop.time() - start < 5
+        assert st.state is StreamState.ABORTED
+
+
+async def test_cancelling_a_task_inside_abort_cancels_it(env: Env) -> None:
+    """abort() never swallows a cancellation: the task ends cancelled, and the stream is
+    aborted locally all the same."""
+    async with await virnet.connect(env.uri) as c:
+        st = await _stream_whose_server_stopped_reading(env, c)
+        after_abort: list[str] = []
+
+        async def aborter() -> None:
+            await st.abort(timeout=None)
+            after_abort.append("carried on")  # must never run
+
+        task = asyncio.ensure_future(aborter())
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled() and after_abort == []
+        assert st.state is StreamState.ABORTED

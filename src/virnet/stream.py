@@ -59,6 +59,8 @@ _CONTINUE: Final = int(MessageStatus.CONTINUE)
 #: Bytes a stream may have queued for sending before ``send()`` waits (bounded memory
 #: for copies of mutable data; views of immutable data cost nothing but count too).
 SEND_QUEUE_LIMIT: Final = 1024 * 1024
+#: Seconds ``Stream.abort()`` waits for the peer to confirm, by default.
+ABORT_TIMEOUT: Final = 30.0
 _CREDIT = struct.Struct(">IIiII")  # protocol.Credit, packed directly on the hot path
 
 
@@ -743,16 +745,18 @@ class Stream:
         fut: asyncio.Future[None] = self._proto.loop.create_future()
         self._control_waiter = fut
         self._queue_chunk(_FINISH, 0)
-        try:
-            await fut
-        except StreamError:
-            raise
+        await fut  # raises the peer's StreamError if the transfer failed anywhere
         self._control_waiter = None
         self._terminate(StreamState.FINISHED, None)
 
-    async def abort(self, reason: str | None = None) -> None:
-        """Cancel the transfer.  A client sends an empty STREAM+ERROR and waits for the
-        confirmation; a server sends STREAM+ERROR carrying ``reason``."""
+    async def abort(
+        self, reason: str | None = None, *, timeout: float | None = ABORT_TIMEOUT
+    ) -> None:
+        """Cancel the transfer.  A client sends an empty STREAM+ERROR and waits up to
+        ``timeout`` seconds (None: no limit) for the server's confirmation; a server sends
+        STREAM+ERROR carrying ``reason``.  Either way the stream is aborted locally when
+        this returns.  Cancelling the task that waits here cancels it as usual (the
+        stream is still marked aborted)."""
         if self.closed:
             return
         err = _stream_error(reason or "stream aborted", ErrorCode.OPERATION_ABORTED)
@@ -769,10 +773,10 @@ class Stream:
         self.state = StreamState.FINISHING
         self._control(_ERROR)
         try:
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(timeout):
                 await fut
-        except (StreamError, TimeoutError, asyncio.CancelledError):
-            pass
+        except (StreamError, TimeoutError):
+            pass  # the peer answered with an error, or not at all: aborted either way
         finally:
             self._terminate(StreamState.ABORTED, err)
 
