@@ -401,6 +401,7 @@ class Server:
         self.handlers: dict[tuple[int, int, int], _Registration] = {}
         self.connections: set[ServerConnection] = set()
         self._listeners: list[_Listener] = []
+        self._adopted_paths: set[str] = set()  # Unix sockets bound by someone else
         self._closing = False
         self._closed = asyncio.Event()
         self._refusals = _Refusals()
@@ -454,6 +455,25 @@ class Server:
         log.debug("listening on %s", address)
         return address
 
+    async def adopt(self, sock: socket.socket, *, readonly: bool = False) -> Address:
+        """Accept on ``sock``, a listening socket bound by someone else (socket
+        activation); returns its address.  Its Unix socket file is left in place on
+        close: whoever bound it owns it."""
+        loop = asyncio.get_running_loop()
+        name = sock.getsockname()
+        if sock.family == socket.AF_UNIX:
+            path = name.decode() if isinstance(name, bytes) else str(name)
+            address = Address("unix", path=path)
+            self._adopted_paths.add(path)
+        else:
+            address = Address("tcp", host=name[0], port=name[1])
+        self._refusals.ensure_spare()
+        listener = _Listener(self, loop, sock, address, readonly)
+        self._listeners.append(listener)
+        listener.start()
+        log.debug("listening on %s (inherited)", address)
+        return address
+
     @property
     def addresses(self) -> list[Address]:
         seen: list[Address] = []
@@ -482,7 +502,7 @@ class Server:
         for listener in self._listeners:
             listener.close()
         for address in self.addresses:
-            if address.scheme == "unix":
+            if address.scheme == "unix" and address.path not in self._adopted_paths:
                 try:
                     os.unlink(address.path)
                 except FileNotFoundError:

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from ..server import Server
+from .activation import InheritedSocket, inherited_sockets
 from .config import DaemonConfig
 from .files import FilesService
 from .paths import Root
@@ -19,8 +20,13 @@ log = logging.getLogger("virnet.daemon")
 class Daemon:
     """A configured virnetd; ``await start()``, then ``await stop()``."""
 
-    def __init__(self, config: DaemonConfig) -> None:
-        self.config = config.finish()
+    def __init__(
+        self, config: DaemonConfig, inherited: list[InheritedSocket] | None = None
+    ) -> None:
+        #: Listening sockets handed over by the service manager (socket activation):
+        #: with them, no default socket is made.
+        self.inherited = inherited or []
+        self.config = config.finish(default_listen=not self.inherited)
         self.root = Root(self.config.root)
         self.server = Server(
             max_message=config.max_message,
@@ -37,7 +43,10 @@ class Daemon:
         self.transfers.register(self.server)
 
     async def start(self) -> list[str]:
-        uris = [str(await self.server.listen(uri)) for uri in self.config.listen]
+        uris = [
+            str(await self.server.adopt(s.sock, readonly=s.readonly)) for s in self.inherited
+        ]
+        uris += [str(await self.server.listen(uri)) for uri in self.config.listen]
         uris += [
             str(await self.server.listen(uri, readonly=True))
             for uri in self.config.listen_readonly
@@ -51,7 +60,8 @@ class Daemon:
 
 async def run(config: DaemonConfig) -> int:
     try:
-        daemon = Daemon(config)  # creates the data root: may fail like a listener
+        inherited = inherited_sockets()
+        daemon = Daemon(config, inherited)  # creates the data root: may fail like a listener
     except (OSError, ValueError) as exc:
         print(f"virnetd: error: {exc}", file=sys.stderr)
         return 1

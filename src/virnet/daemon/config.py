@@ -43,9 +43,10 @@ class DaemonConfig:
     keepalive_count: int = 5
     window: int = 4 * 1024 * 1024
 
-    def finish(self) -> DaemonConfig:
-        """Fill in environment-dependent defaults."""
-        if not self.listen and not self.listen_readonly:
+    def finish(self, *, default_listen: bool = True) -> DaemonConfig:
+        """Fill in environment-dependent defaults (the default socket only when nothing
+        else is listened on: ``default_listen=False`` with inherited sockets)."""
+        if default_listen and not self.listen and not self.listen_readonly:
             self.listen = [f"unix://{default_socket_path()}"]
         if not self.root:
             self.root = os.environ.get("VIRNET_ROOT") or "./virnet-data"
