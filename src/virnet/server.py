@@ -764,10 +764,18 @@ def _remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)
     try:
         probe.connect(path)
-    except OSError:
+    except ConnectionRefusedError:
         os.unlink(path)  # nobody listens: stale
+    except OSError as exc:
+        # A busy server (full backlog: a timeout or EAGAIN) is still a server: only a
+        # refusal proves the file is stale, and removing a live daemon's socket is worse
+        # than refusing to start.
+        raise OSError(
+            errno.EADDRINUSE, f"{path} may be in use (probing it failed: {exc})"
+        ) from None
     else:
         raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
     finally:
