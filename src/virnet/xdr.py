@@ -293,8 +293,22 @@ class StructType(XdrType[T]):
         self.cls = cls
         self.fields = fields
         self.name = cls.__name__
-        self.pack = self._compile_pack()  # type: ignore[method-assign, assignment]
-        self.unpack = self._compile_unpack()  # type: ignore[method-assign, assignment]
+        # Compiled on first use: a program declares dozens of structs, and a command-line
+        # client that makes one call should not pay for generating every codec at import.
+        self.pack = self._first_pack  # type: ignore[method-assign]
+        self.unpack = self._first_unpack  # type: ignore[method-assign]
+
+    # Whoever bound ``pack``/``unpack`` before the first use keeps calling these: compile
+    # once, then only forward.
+    def _first_pack(self, packer: Any, value: Any) -> None:
+        if self.pack == self._first_pack:
+            self.pack = self._compile_pack()  # type: ignore[method-assign, assignment]
+        self.pack(packer, value)
+
+    def _first_unpack(self, unpacker: Any) -> Any:
+        if self.unpack == self._first_unpack:
+            self.unpack = self._compile_unpack()  # type: ignore[method-assign, assignment]
+        return self.unpack(unpacker)
 
     def _field_code(self, i: int, ftype: XdrType[Any], packing: bool, arg: str = "") -> str:
         if isinstance(ftype, _Primitive):
