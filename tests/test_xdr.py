@@ -244,3 +244,27 @@ def test_struct_needs_xdr_annotations() -> None:
         @xdr.struct
         class Bad:
             x: int
+
+
+def test_struct_codecs_compile_once_on_first_use() -> None:
+    """Codecs are generated lazily; a pack/unpack bound before the first use keeps
+    working and does not compile again on every call."""
+    from virnet import xdr
+
+    @xdr.struct
+    class Lazy:
+        a: xdr.UInt
+        b: Annotated[str, xdr.string(10)]
+
+    t = Lazy.__xdr_type__  # type: ignore[attr-defined]
+    early_pack, early_unpack = t.pack, t.unpack  # bound before any use
+    compiled: list[str] = []
+    real_pack, real_unpack = t._compile_pack, t._compile_unpack
+    t._compile_pack = lambda: (compiled.append("pack"), real_pack())[1]
+    t._compile_unpack = lambda: (compiled.append("unpack"), real_unpack())[1]
+    for _ in range(3):
+        packer = xdr.Packer()
+        early_pack(packer, Lazy(7, "hi"))
+        assert early_unpack(xdr.Unpacker(packer.getvalue())) == Lazy(7, "hi")
+    assert xdr.decode(Lazy, xdr.encode(Lazy, Lazy(1, "x"))) == Lazy(1, "x")
+    assert compiled == ["pack", "unpack"]
