@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import _loop
+from ._localfile import format_size
 from ._uri import default_uri
 from .client import Client, connect
 from .errors import VirnetError
@@ -32,13 +33,6 @@ def _kind_name(kind: int) -> str:
     return {1: "file", 2: "directory", 3: "other"}.get(kind, f"kind {kind}")
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 async def cmd_ping(client: Client, args: argparse.Namespace) -> int:
@@ -78,7 +72,7 @@ async def cmd_stat(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps(info))
     else:
         for key, value in info.items():
-            extra = f" ({_size(value)})" if key in ("size", "allocation") else ""
+            extra = f" ({format_size(value)})" if key in ("size", "allocation") else ""
             print(f"{key + ':':12}{value}{extra}")
     return EXIT_OK
 
@@ -207,7 +201,7 @@ def _summary(verb: str, done: int, elapsed: float) -> None:
     from ._progressbar import format_rate
 
     elapsed = max(elapsed, 1e-9)
-    print(f"{verb} {_size(done)} in {elapsed:.2f} s ({format_rate(done / elapsed)})",
+    print(f"{verb} {format_size(done)} in {elapsed:.2f} s ({format_rate(done / elapsed)})",
           file=sys.stderr)
 
 
