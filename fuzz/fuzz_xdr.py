@@ -5,8 +5,8 @@
 
 The schemas are every ``@xdr.struct`` in ``virnet.services.files``, ``virnet.protocol``
 and ``virnet.libvirt.protocol`` (sorted by module and name), then a synthetic struct
-that uses the types those do not (union, enum, fixed array, bool, float, double, nested
-optional), so every ``XdrType`` is covered.
+that uses the types those do not (union, enum, fixed array, bool, float, double, optional
+elements), so every ``XdrType`` is covered.
 
 Input layout: byte 0 picks the schema (modulo their count); bits 0-2 of byte 1 are an
 offset at which the data is placed in a larger buffer (a ``memoryview`` not starting at
@@ -69,7 +69,10 @@ class Synthetic:
     tagged: Annotated[tuple[int, Any], Tagged]
     triple: Annotated[list[int], xdr.fixed_array(xdr.uhyper, 3)]
     inners: Annotated[list[Inner], xdr.array(Inner, 4)]
-    nested: Annotated[Inner | None, xdr.optional(xdr.optional(Inner))]
+    # Not optional(optional(Inner)): its "present but None" and "absent" are both None
+    # in Python, so that schema cannot round-trip (the first finding, a harness bug).
+    maybe: Annotated[Inner | None, xdr.optional(Inner)]
+    nested: Annotated[list[Inner | None], xdr.array(xdr.optional(Inner), 2)]
     key: Annotated[bytes, xdr.fixed_opaque(5)]
 
 
