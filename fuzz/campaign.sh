@@ -2,7 +2,7 @@
 # One chunk of a fuzz campaign: a harness on one core, with a persistent corpus.
 #
 #   fuzz/campaign.sh HARNESS CORE RUNS [SECONDS]
-#     HARNESS  frames | xdr | core | daemon
+#     HARNESS  frames | xdr | core | daemon | client
 #     CORE     compiled | cov (compiled, coverage build from build_cov.sh) | pure
 #     RUNS     inputs to run; SECONDS caps the chunk (default 540)
 #
@@ -22,7 +22,7 @@ case $core in
   *) echo "unknown core $core" >&2; exit 2 ;;
 esac
 case $harness in
-  frames|daemon) max_len=16384 ;;
+  frames|daemon|client) max_len=16384 ;;
   *) max_len=4096 ;;
 esac
 [ -d fuzz/seeds/"$harness" ] || python fuzz/make_seeds.py >/dev/null

@@ -2,7 +2,7 @@
 
     python fuzz/make_seeds.py [OUT_DIR]        # default: fuzz/seeds
 
-One directory per harness (``frames``, ``xdr``, ``core``, ``daemon``), each file one
+One directory per harness (``frames``, ``xdr``, ``core``, ``daemon``, ``client``), each file one
 input in that harness's layout (see the harness's docstring): real CALL, REPLY, error
 REPLY, STREAM data and end, STREAM_HOLE, CREDIT, HELLO and keepalive packets, in the
 sequences a client and a daemon exchange (calls of every FILES procedure, uploads with
@@ -155,6 +155,48 @@ def server_sequences() -> dict[str, bytes]:
     }
 
 
+def client_seeds() -> dict[str, bytes]:
+    """What a server answers the client harness: part A after the first call, part B
+    after the rest (serials: HELLO 1, STAT 2, DOWNLOAD 3; without HELLO one less)."""
+    stat = xdr.encode(files.StatReply, files.StatReply(1, 5, 8, 1, 0o600))
+    hello = pkt(CONTROL_PROGRAM, CONTROL_HELLO, REPLY, 1, OK,
+                xdr.encode(protocol.Hello, protocol.Hello(3, 1 << 20)), CONTROL_VERSION)
+    refused = pkt(CONTROL_PROGRAM, CONTROL_HELLO, REPLY, 1, ERROR, error_payload("no"),
+                  CONTROL_VERSION)
+
+    def rest(first: int, sparse: bool = False) -> bytes:
+        dl = first + 1
+        body = pkt(FILES_PROGRAM, 1, REPLY, first, OK, stat) + pkt(
+            FILES_PROGRAM, DOWN, REPLY, dl, OK,
+            xdr.encode(files.DownloadReply, files.DownloadReply(5)))
+        body += pkt(FILES_PROGRAM, DOWN, STREAM, dl, CONTINUE, b"hel")
+        if sparse:
+            body += hole(DOWN, dl, 1000)
+        body += pkt(FILES_PROGRAM, DOWN, STREAM, dl, CONTINUE, b"lo")
+        body += pkt(FILES_PROGRAM, DOWN, STREAM, dl, CONTINUE)
+        return body + pkt(FILES_PROGRAM, DOWN, STREAM, dl, OK) + PONG
+
+    def seed(flags: int, a: bytes, b: bytes) -> bytes:
+        return bytes([flags]) + len(a).to_bytes(2, "big") + a + b
+
+    legacy = rest(1)
+    stat1 = pkt(FILES_PROGRAM, 1, REPLY, 1, OK, stat)
+    return {
+        "native": seed(1, hello, rest(2)),
+        "native_sparse": seed(3, hello, rest(2, True)),
+        "native_credit": seed(1, hello, credit(DOWN, 3, 100) + rest(2)),
+        "refused_hello": seed(1, refused, rest(2)),
+        "legacy": seed(0, stat1, legacy[len(stat1):]),
+        "errors": seed(1, hello, pkt(FILES_PROGRAM, 1, REPLY, 2, ERROR, error_payload())
+                       + pkt(FILES_PROGRAM, DOWN, REPLY, 3, ERROR, error_payload())),
+        "stream_error": seed(1, hello, pkt(FILES_PROGRAM, DOWN, REPLY, 3, OK,
+                                           xdr.encode(files.DownloadReply,
+                                                      files.DownloadReply(5)))
+                             + pkt(FILES_PROGRAM, DOWN, STREAM, 3, ERROR, error_payload())),
+        "event_ping": seed(1, hello, PING + pkt(FILES_PROGRAM, 9, MESSAGE, 0, OK, b"x")),
+    }
+
+
 def sample(t: Any, variant: int) -> Any:
     """A value of XDR type ``t``; ``variant`` picks among optional/union/array shapes."""
     if isinstance(t, xdr.StructType):
@@ -220,7 +262,9 @@ def main(argv: list[str]) -> int:
     out_dir = argv[1] if len(argv) > 1 else os.path.join(HERE, "seeds")
     import fuzz_xdr  # the harness's schema list (an import only: no fuzzing starts)
 
-    corpora: dict[str, dict[str, bytes]] = {h: {} for h in ("frames", "xdr", "core", "daemon")}
+    corpora: dict[str, dict[str, bytes]] = {
+        h: {} for h in ("frames", "xdr", "core", "daemon", "client")}
+    corpora["client"] = client_seeds()
     client = client_sequences()
     native = native_sequences()
     server = server_sequences()

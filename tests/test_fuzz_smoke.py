@@ -18,7 +18,7 @@ pytest.importorskip("atheris", reason="atheris is not installed (pip install ath
 
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
 SRC = Path(__file__).resolve().parent.parent / "src"
-RUNS = {"frames": 3000, "xdr": 5000, "core": 5000, "daemon": 1500}
+RUNS = {"frames": 3000, "xdr": 5000, "core": 5000, "daemon": 1500, "client": 300}
 
 
 def _env() -> dict[str, str]:
