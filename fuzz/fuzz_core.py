@@ -13,7 +13,8 @@ mode (HELLO negotiated: CREDIT allowed), bit 2 stream endpoints registered for
 FILES UPLOAD/DOWNLOAD serials 1-4, bit 3 calls pending (client role: FILES procedures
 1-7 with serials 1-7, so that REPLY packets can match), bit 4 ``feed()`` instead of
 ``get_buffer``/``buffer_updated``, bit 5 a small ``max_message`` (4096).  Byte 1: the
-read size (1-256, 0 means as much as the buffer takes).  The rest: the byte stream.
+read size (1-255, 0 means as much as the buffer takes; after ``MAX_READS`` reads,
+the rest in one).  The rest: the byte stream.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ with atheris.instrument_imports(include=["virnet"]):
     from virnet._impl import FrameDecoder, Message
     from virnet.constants import FILES_PROGRAM
     from virnet.errors import VirnetError
+
+
+MAX_READS = 256
 
 
 class Endpoint:
@@ -98,18 +102,23 @@ def test_one(data: bytes) -> None:
         for serial in range(1, 8):
             core.send_call(FILES_PROGRAM, 1, serial, b"", serial=serial)
         core.take_output(1 << 20)
+    reads = 0
     try:
         if config & 16:
             pos = 0
             while pos < len(stream):
-                n = step or len(stream)
+                # Past MAX_READS reads the rest goes in one (bounded time per input).
+                n = step if step and reads < MAX_READS else len(stream)
+                reads += 1
                 core.feed(stream[pos : pos + n])
                 pos += n
         else:
             pos = 0
             while pos < len(stream):
-                buf = core.get_buffer(step or -1)
-                n = min(len(buf), step or len(buf), len(stream) - pos)
+                want = step if step and reads < MAX_READS else 0
+                reads += 1
+                buf = core.get_buffer(want or -1)
+                n = min(len(buf), want or len(buf), len(stream) - pos)
                 buf[:n] = stream[pos : pos + n]
                 core.buffer_updated(n)
                 pos += n
