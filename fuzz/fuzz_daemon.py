@@ -20,13 +20,16 @@ Checks, each a finding when it fails:
   errors, a task that died);
 * every ``HEALTH_EVERY`` inputs and at exit: a STAT on another connection is answered,
   the connections are gone from the server, and the open descriptors and threads are
-  not growing (``/proc/self``).  Memory is bounded by libFuzzer's ``-rss_limit_mb``.
+  not growing (``/proc/self``).  Memory is bounded by libFuzzer's ``-rss_limit_mb``;
+  ``FUZZ_DAEMON_STATS=1`` prints RSS, the loop's task count, descriptors and threads at
+  each health check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import logging
 import os
 import shutil
@@ -98,6 +101,10 @@ def populate(root: str) -> None:
         if not os.path.isfile(path) or os.path.getsize(path) != size:
             with open(path, "wb") as fh:
                 fh.write(bytes(i & 0xFF for i in range(size)))
+
+
+async def _count_tasks() -> int:
+    return len(asyncio.all_tasks())
 
 
 class Harness:
@@ -225,6 +232,13 @@ class Harness:
                 f"{threads}: something leaks"
             )
         self.check_findings(None)
+        if os.environ.get("FUZZ_DAEMON_STATS"):
+            tasks = asyncio.run_coroutine_threadsafe(_count_tasks(), self.loop).result(10)
+            with open("/proc/self/status") as fh:
+                rss = next(ln.split()[1] for ln in fh if ln.startswith("VmRSS"))
+            print(f"health #{self.count}: rss {int(rss) // 1024} MiB, tasks {tasks}, "
+                  f"objects {len(gc.get_objects())}, "
+                  f"fds {fds}, threads {threads}", file=sys.stderr, flush=True)
 
     def test_one(self, data: bytes) -> None:
         if not data:
