@@ -268,3 +268,13 @@ def test_struct_codecs_compile_once_on_first_use() -> None:
         assert early_unpack(xdr.Unpacker(packer.getvalue())) == Lazy(7, "hi")
     assert xdr.decode(Lazy, xdr.encode(Lazy, Lazy(1, "x"))) == Lazy(1, "x")
     assert compiled == ["pack", "unpack"]
+
+
+def test_optional_of_optional_or_void_is_refused() -> None:
+    # Found by fuzz/fuzz_xdr.py: optional(optional(T)) decoded "present, inner absent"
+    # (flags 1, 0) to None, which encodes back as the single flag 0; optional(void) has
+    # the same problem.  Such a schema cannot round-trip, so it is refused up front.
+    with pytest.raises(TypeError, match="cannot be told from absent"):
+        xdr.optional(xdr.optional(xdr.uint))
+    with pytest.raises(TypeError, match="cannot be told from absent"):
+        xdr.optional(None)

@@ -136,6 +136,9 @@ class optional(XdrType[T | None]):
 
     def __init__(self, inner: Any) -> None:
         self.inner: XdrType[T] = type_of(inner)
+        if isinstance(self.inner, optional | _Void):
+            # Both levels' "absent" would decode to None: encode(decode(x)) != x.
+            raise TypeError(f"optional({self.inner!r}) cannot be told from absent in Python")
         self.name = f"optional({self.inner!r})"
 
     def pack(self, packer: Any, value: T | None) -> None:
