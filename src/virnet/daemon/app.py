@@ -9,6 +9,7 @@ import sys
 
 from ..server import Server
 from .config import DaemonConfig
+from .console import ConsoleService
 from .files import FilesService
 from .paths import Root
 from .transfer import TransferService
@@ -35,8 +36,12 @@ class Daemon:
         self.files.register(self.server)
         self.transfers = TransferService(self.root)
         self.transfers.register(self.server)
+        self.consoles = ConsoleService(self.config.consoles, self.config.console_history)
+        self.consoles.register(self.server)
 
     async def start(self) -> list[str]:
+        # Programs start with the daemon, before the first client can ask for them.
+        await self.consoles.start()
         uris = [str(await self.server.listen(uri)) for uri in self.config.listen]
         uris += [
             str(await self.server.listen(uri, readonly=True))
@@ -46,6 +51,7 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.server.close()
+        await self.consoles.close()
         self.files.close()
 
 
