@@ -118,26 +118,26 @@ def window_size(fd: int) -> tuple[int, int] | None:
     return (rows, cols) if rows and cols else None
 
 
-def _writer_fd(fd: int) -> tuple[int, bool, bool]:
-    """A descriptor to write ``fd``'s output to without blocking: (descriptor, whether
-    it is non-blocking, whether we opened it).  A terminal or a pipe is opened again as
-    an open file description of our own, so setting O_NONBLOCK touches nobody else's;
-    anything else (a file, a socket) is written to as it is."""
+def _own_fd(fd: int, flags: int) -> tuple[int, bool]:
+    """A descriptor for ``fd``'s terminal or pipe that we may make non-blocking: the same
+    file opened again, an open file description of our own, so that neither O_NONBLOCK
+    (which the event loop may set on what it watches: libuv does) nor anything else we
+    do to it reaches the shell's.  Anything else (a file, a socket) is used as it is.
+    Returns (descriptor, whether we opened it)."""
     try:
         st = os.fstat(fd)
     except OSError:
-        return fd, False, False
+        return fd, False
     if os.isatty(fd):
         path = os.ttyname(fd)
     elif stat.S_ISFIFO(st.st_mode):
         path = f"/proc/self/fd/{fd}"
     else:
-        return fd, False, False
+        return fd, False
     try:
-        new = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        return os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC), True
     except OSError:
-        return fd, False, False
-    return new, True, True
+        return fd, False
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Pump:
         self.stream = stream
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[Outcome] = self.loop.create_future()
-        self.infd = infd
+        self.infd, self._in_owned = _own_fd(infd, os.O_RDONLY)
         self.escape = escape
         self.linger = linger
         self.interactive = interactive
@@ -180,7 +180,7 @@ class Pump:
         self._in_handle: asyncio.Handle | None = None
         self._linger_handle: asyncio.TimerHandle | None = None
         self._ending: Outcome | None = None  # ends once the output is written
-        self.outfd, self._out_nonblocking, self._out_owned = _writer_fd(outfd)
+        self.outfd, self._out_owned = _own_fd(outfd, os.O_WRONLY)
         self._writing = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -211,6 +211,9 @@ class Pump:
         if self._out_owned:
             os.close(self.outfd)
             self._out_owned = False
+        if self._in_owned:
+            os.close(self.infd)
+            self._in_owned = False
 
     def finish(self, outcome: Outcome) -> None:
         if not self.done.done():
