@@ -769,14 +769,14 @@ class ConsoleService:
             raise _error("the server is shutting down", ErrorCode.OPERATION_ABORTED)
         await console.prepare()
         old = console.session
+        if old is not None and not force:
+            raise _busy(console)  # someone else attached while we prepared
+        stream = ctx.accept_stream()  # may still refuse (too many streams): old stays
         if old is not None:
-            if not force:
-                raise _busy(console)  # someone else attached while we prepared
             old.end(
                 _error(f"console {console.name} was taken over by another session",
                        ErrorCode.OPERATION_ABORTED, ErrorDomain.STREAMS)
             )
-        stream = ctx.accept_stream()
         session = Session(console, ctx.connection, stream)
         console.session = session
         history = b"" if args.flags & c.OpenFlags.NO_HISTORY else console.history.replay()
