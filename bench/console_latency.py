@@ -125,7 +125,11 @@ def pct(values: list[float], p: float) -> float:
 async def measure(uri: str, n: int, warmup: int) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     async with await virnet.connect(uri) as client:
-        stream = await virnet.console.open(client, "echo", force=True, history=False)
+        stream = await virnet.console.open(client, "echo", force=True)
+        seen = b""
+        async with asyncio.timeout(20):  # cat runs on the raw terminal from here on
+            while b"ready\n" not in seen:
+                seen += await stream.recv()
         await round_trips(client, stream, warmup)
 
         lat = await round_trips(client, stream, n)
