@@ -195,6 +195,38 @@ async def cmd_download(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    from . import _terminal
+
+    code, message = await _terminal.run(
+        client, args.name, force=args.force, history=not args.no_history,
+        escape=args.escape, linger=args.linger, quiet=args.quiet,
+    )
+    if message is not None:
+        raise CommandError(message)
+    return code
+
+
+def _escape(text: str) -> str:
+    from ._terminal import parse_escape
+
+    try:
+        parse_escape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 3600:
+        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
+    return value
+
+
 def _summary(verb: str, done: int, elapsed: float) -> None:
     """One line after the progress bar, at the rate the bar ends with; without a bar a
     successful transfer is silent (scripts, pipes, --no-progress, -q)."""
@@ -273,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-sync", action="store_true",
                         help="do not fsync the result (faster, for scratch data: a crash "
                         "soon after may lose it); on upload the daemon skips its fsyncs")
+
+    sp = sub.add_parser(
+        "console", help="attach to a console (raw terminal; ^] detaches)",
+        description="Attach to console NAME of the daemon. On a terminal: raw mode, the "
+        "window size follows yours, the escape character detaches (the program keeps "
+        "running). With standard input not a terminal: a pipe, standard input to the "
+        "console and its output to standard output, ending once standard input ended "
+        "and the console has been quiet for --linger seconds.",
+    )
+    sp.add_argument("name")
+    sp.add_argument("--force", action="store_true",
+                    help="take the console over from the session holding it")
+    sp.add_argument("--escape", type=_escape, default="^]", metavar="CHAR",
+                    help="detach character, ^X with X one of @ A-Z [ \\ ] ^ _ (default ^])")
+    sp.add_argument("--no-history", action="store_true",
+                    help="do not replay what the console printed before the attach")
+    sp.add_argument("--linger", type=_seconds, default=0.5, metavar="SECONDS",
+                    help="pipe mode: after standard input's EOF, keep copying output "
+                    "until the console has been quiet this long (default 0.5)")
+    sp.set_defaults(func=cmd_console)
 
     sp = sub.add_parser("demo", help="start an embedded daemon and tour virnet")
     sp.add_argument("--size", default="256M", help="bytes to push through the wire core")

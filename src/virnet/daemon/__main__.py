@@ -9,6 +9,7 @@ import sys
 from .. import _loop
 from .app import run
 from .config import DaemonConfig
+from .console import ConsoleError, parse_option
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,11 +23,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", metavar="DIR",
                    help="data root (default $VIRNET_ROOT or ./virnet-data)")
     p.add_argument("--console", action="append", default=[], metavar="NAME=COMMAND",
-                   help="serve a console running COMMAND on a pseudo-terminal; repeatable")
+                   help="serve a console: NAME=COMMAND runs COMMAND on a pseudo-terminal "
+                   "(started with the daemon, restarted at the next attach after it exits; "
+                   "split like a shell would, no shell unless COMMAND names one), "
+                   "NAME=unix:/PATH relays a Unix socket; repeatable")
+    p.add_argument("--console-history", type=_size, default=None, metavar="BYTES",
+                   help="output each console keeps for replay when a client attaches "
+                   "(default 64K; suffixes K, M)")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--log-level", default=None,
                    choices=["debug", "info", "warning", "error"], help="default: info")
     return p.parse_args(argv)
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = int(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value * units[unit]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,16 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         config.root = args.root
     if args.log_level:
         config.log_level = args.log_level
+    if args.console_history is not None:
+        config.console_history = args.console_history
     for item in args.console:
-        name, sep, command = item.partition("=")
-        if not sep or not name or not command:
-            print(f"virnetd: error: --console wants NAME=COMMAND, got {item!r}", file=sys.stderr)
+        try:
+            name, spec = parse_option(item)
+        except ConsoleError as exc:
+            print(f"virnetd: error: {exc}", file=sys.stderr)
             return 2
-        config.consoles[name] = command
-    if config.consoles:
-        # The CONSOLE program is not implemented yet: refuse rather than pretend.
-        print("virnetd: error: consoles are not supported by this version", file=sys.stderr)
-        return 2
+        config.consoles[name] = spec
     logging.basicConfig(
         level=config.log_level.upper(),
         format="virnetd: %(levelname)s %(name)s: %(message)s",

@@ -10,6 +10,7 @@ import sys
 from ..server import Server
 from .activation import InheritedSocket, inherited_sockets
 from .config import DaemonConfig
+from .console import ConsoleService
 from .files import FilesService
 from .paths import Root
 from .transfer import TransferService
@@ -41,8 +42,12 @@ class Daemon:
         self.files.register(self.server)
         self.transfers = TransferService(self.root)
         self.transfers.register(self.server)
+        self.consoles = ConsoleService(self.config.consoles, self.config.console_history)
+        self.consoles.register(self.server)
 
     async def start(self) -> list[str]:
+        # Programs start with the daemon, before the first client can ask for them.
+        await self.consoles.start()
         uris = [
             str(await self.server.adopt(s.sock, readonly=s.readonly)) for s in self.inherited
         ]
@@ -55,6 +60,7 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.server.close()
+        await self.consoles.close()
         self.files.close()
 
 

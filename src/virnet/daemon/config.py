@@ -14,8 +14,11 @@ Example ``virnetd.toml``::
     keepalive_count = 5
     window = 4194304
 
-    [consoles]
-    shell = "/bin/bash"
+    console_history = 65536           # bytes of output each console keeps for replay
+
+    [consoles]                        # NAME = COMMAND, or NAME = "unix:/path" (a relay)
+    shell = "/bin/bash -i"
+    guest = "unix:/run/guest/serial.sock"
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class DaemonConfig:
     listen_readonly: list[str] = field(default_factory=list)
     root: str = ""
     consoles: dict[str, str] = field(default_factory=dict)
+    console_history: int = 64 * 1024
     log_level: str = "info"
     max_message: int = 32 * 1024 * 1024
     max_clients: int = 1024
@@ -72,4 +76,9 @@ class DaemonConfig:
                     f"{path}: {key} must be {type(default).__name__}, not {type(value).__name__}"
                 )
             setattr(cfg, key, value)
+        for name, spec in cfg.consoles.items():
+            if not isinstance(spec, str):
+                raise ValueError(
+                    f"{path}: consoles.{name} must be a string (a command or unix:/path)"
+                )
         return cfg

@@ -93,6 +93,20 @@ class LibvirtConnection:
             raise
         return stream.reply.mime, bytes(data)
 
+    async def open_console(
+        self, dom: Domain, dev_name: str | None = None, *, force: bool = False,
+        safe: bool = False,
+    ) -> Stream:
+        """DOMAIN_OPEN_CONSOLE: the domain's console ``dev_name`` (None: the first
+        console or serial device) as a two-way stream: ``send`` input, read output until
+        EOF, ``finish`` (or ``abort``) to let go.  ``force`` takes the console over from
+        another client (whose stream is aborted); ``safe`` opens it only if the driver
+        guarantees exclusive access.  libvirtd's refusal raises ``RPCError``."""
+        flags = (rp.DOMAIN_CONSOLE_FORCE if force else 0) | (rp.DOMAIN_CONSOLE_SAFE if safe else 0)
+        return await self.client.open_stream(
+            rp.DOMAIN_OPEN_CONSOLE, rp.OpenConsoleArgs(dom, dev_name, flags)
+        )
+
     async def enable_keepalive(self) -> bool:
         """Ask libvirtd whether it speaks keepalive (which also starts its own timer for
         this client) and, if so, start ours.  Returns whether keepalive is on."""

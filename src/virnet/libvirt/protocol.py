@@ -20,6 +20,8 @@ AUTH_NONE, AUTH_SASL, AUTH_POLKIT = 0, 1, 2
 FEATURE_PROGRAM_KEEPALIVE = 10
 VOL_UPLOAD_SPARSE_STREAM = 1
 VOL_DOWNLOAD_SPARSE_STREAM = 1
+DOMAIN_CONSOLE_FORCE = 1  # virDomainConsoleFlags: take over another client's session
+DOMAIN_CONSOLE_SAFE = 2  # only if the driver guarantees exclusive access
 
 
 @xdr.struct
@@ -122,6 +124,13 @@ class ScreenshotArgs:
 
 
 @xdr.struct
+class OpenConsoleArgs:
+    dom: Domain
+    dev_name: OptString
+    flags: xdr.UInt
+
+
+@xdr.struct
 class ScreenshotReply:
     mime: OptString
 
@@ -142,6 +151,9 @@ STORAGE_VOL_LOOKUP_BY_NAME = REMOTE.procedure(
 )
 STORAGE_VOL_GET_INFO = REMOTE.procedure(98, "STORAGE_VOL_GET_INFO", VolArgs, VolInfoReply)
 CONNECT_GET_URI = REMOTE.procedure(110, "CONNECT_GET_URI", None, UriReply)
+DOMAIN_OPEN_CONSOLE = REMOTE.procedure(
+    201, "DOMAIN_OPEN_CONSOLE", OpenConsoleArgs, None, stream=StreamDirection.BOTH
+)
 STORAGE_VOL_UPLOAD = REMOTE.procedure(
     208, "STORAGE_VOL_UPLOAD", VolTransferArgs, None, stream=StreamDirection.UPLOAD
 )
