@@ -9,8 +9,8 @@ import sys
 
 from ..server import Server
 from .config import DaemonConfig
-from .files import FilesService
-from .paths import Root
+from .migration import MigrationService
+from .staging import HiddenRoot, HidingFilesService
 from .transfer import TransferService
 
 log = logging.getLogger("virnet.daemon")
@@ -21,7 +21,8 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config.finish()
-        self.root = Root(self.config.root)
+        # The root as FILES sees it: without the migration staging directory.
+        self.root = HiddenRoot(self.config.root, self.config.staging_dir)
         self.server = Server(
             max_message=config.max_message,
             max_clients=config.max_clients,
@@ -31,12 +32,23 @@ class Daemon:
             keepalive_count=config.keepalive_count,
             window=config.window,
         )
-        self.files = FilesService(self.root)
+        self.files = HidingFilesService(self.root)
         self.files.register(self.server)
         self.transfers = TransferService(self.root)
         self.transfers.register(self.server)
+        self.migration = MigrationService(
+            self.root,
+            staging_dir=self.config.staging_dir,
+            staging_expiry=self.config.staging_expiry,
+            destinations=self.config.migration_destinations,
+            keepalive_interval=self.config.keepalive_interval,
+            keepalive_count=self.config.keepalive_count,
+            connect_timeout=self.config.migration_connect_timeout,
+        )
+        self.migration.register(self.server)
 
     async def start(self) -> list[str]:
+        await self.migration.start()  # expired staged data of an earlier run goes
         uris = [str(await self.server.listen(uri)) for uri in self.config.listen]
         uris += [
             str(await self.server.listen(uri, readonly=True))
@@ -45,6 +57,7 @@ class Daemon:
         return uris
 
     async def stop(self) -> None:
+        await self.migration.close()  # outgoing migrations fail before the server closes
         await self.server.close()
         self.files.close()
 
