@@ -240,6 +240,12 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        self._reader.join(timeout=5)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
 
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
@@ -249,7 +255,7 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._reader.join(timeout=5)
+        self._close()
         return self.proc.returncode
 
 
