@@ -218,3 +218,29 @@ async def test_daemon_stopping_fails_its_outgoing_migration(procs: Procs) -> Non
     assert file_sha(os.path.join(root(a), "img")) == digest
     assert "Traceback" not in a.stderr + b.stderr
 
+
+
+async def test_target_on_another_file_system_is_copied_then_renamed(procs: Procs) -> None:
+    """A mount inside the destination's root: the staged data cannot be renamed there
+    (EXDEV), so it is copied into a temporary file beside the target, renamed over it."""
+    a = procs.start("a")
+    b = procs.start("b")
+    sub = os.path.join(root(b), "sub")
+    os.mkdir(sub)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", sub],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        os.mkdir(os.path.join(root(a), "sub"))
+        digest = make_image(os.path.join(root(a), "sub", "img"), 24 * MiB,
+                            [(0, 4 * MiB), (16 * MiB, 2 * MiB)])
+        async with await virnet.connect(uri(a)) as c:
+            run = await perform(c, "sub/img", uri(b))
+        assert run.reply.bytes == 24 * MiB
+        assert file_sha(os.path.join(sub, "img")) == digest
+        assert os.listdir(sub) == ["img"]  # no temporary file left
+        assert os.stat(os.path.join(sub, "img")).st_blocks * 512 <= 7 * MiB  # still sparse
+        assert staged_files(root(b)) == []
+    finally:
+        subprocess.run(["umount", "-l", sub], check=False)

@@ -617,17 +617,40 @@ class MigrationService:
         rep = self.root.replacement(name, exclusive=False)
         try:
             for is_data, start, length in segments(fd, 0, size):
-                pos, end = start, start + length
-                while is_data and pos < end:
-                    n = os.copy_file_range(fd, rep.fd, end - pos, pos, pos)
-                    if n == 0:
-                        raise OSError(errno.EIO, "staged data shrank while copied")
-                    pos += n
+                if is_data:
+                    _copy_range(fd, rep.fd, start, length)
             os.ftruncate(rep.fd, size)
             os.fsync(rep.fd)
             rep.commit(False, sync=True)
         finally:
             rep.release()
+
+
+def _copy_range(src: int, dst: int, start: int, length: int) -> None:
+    """Copy ``[start, start+length)`` to the same offsets: ``copy_file_range`` where
+    the kernel copies between these two file systems, else read and write."""
+    pos, end = start, start + length
+    fast = True
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while pos < end:
+        want = min(end - pos, len(buf))
+        if fast:
+            try:
+                n = os.copy_file_range(src, dst, want, pos, pos)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                fast = False
+                continue
+        else:
+            n = os.preadv(src, [view[:want]], pos)
+            done = 0
+            while done < n:
+                done += os.pwrite(dst, view[done:n], pos + done)
+        if n == 0:
+            raise OSError(errno.EIO, "the staged data shrank while it was copied")
+        pos += n
 
 
 def _reason(exc: BaseException) -> str:
