@@ -5,7 +5,7 @@ local copy of the same file and against the raw TCP pump, side by side in one ru
 Usage::
 
     flock /tmp/virnet-bench.lock python bench/migration.py [--size 2G] [--rounds 3]
-        [--json FILE] [--quick]
+        [--json FILE] [--quick] [--resume]
 
 Both daemons' data roots are on the same tmpfs (/dev/shm), so what is measured is the
 migration path itself (read, tunnel, write, fsync, rename), not a disk.  Rows, each
@@ -22,6 +22,11 @@ round in this order, interleaved (so a noisy neighbour hurts all of them alike):
   256 KiB writes), the anchor of the TCP row.
 * ``migration, tcp loopback, tmpfs roots`` -- the same PERFORM with the destination's
   ``tcp://127.0.0.1:PORT``.
+
+With ``--resume``, once after the rounds: a migration to a third daemon killed (SIGKILL)
+once 3/4 of the image went, that daemon started again on its root, and a PERFORM with
+RESUME timed (the digests of the staged prefix on both sides included): the bytes it
+started from and its seconds.
 
 Figures are GB/s (10^9 bytes/s) medians over the rounds; ``ratio`` is the row's median
 over its anchor's median taken in the same run.  The CPU seconds per GiB of each
@@ -166,6 +171,38 @@ def run_migration(a: Daemon, b: Daemon, dest: str, size: int) -> tuple[float, di
     return seconds, cpu
 
 
+async def cut_and_resume(a: Daemon, workdir: Path, size: int) -> dict[str, float]:
+    """A migration to a fresh daemon killed (SIGKILL) once 3/4 of the image went, the
+    daemon started again on its root, then PERFORM with RESUME: how much was staged and
+    how long the resume took (its digests of the staged prefix included)."""
+    c = Daemon(workdir, "c")
+    try:
+        async with await virnet.connect(a.unix) as client:
+            seen: list[int] = []
+            client.subscribe(m.PROGRESS, lambda ev: seen.append(ev.transferred))
+            call = asyncio.ensure_future(client.call(m.PERFORM, m.PerformArgs(
+                "img", c.unix, 0, 0)))
+            while not call.done() and (not seen or seen[-1] < size * 3 // 4):
+                await asyncio.sleep(0.002)
+            c.proc.kill()
+            cut_at = seen[-1] if seen else 0
+            try:
+                await call
+                raise RuntimeError("the migration finished before it could be cut")
+            except virnet.RPCError:
+                pass
+            c.stop()
+            c = Daemon(workdir, "c")
+            seen.clear()
+            start = time.perf_counter()
+            await client.call(m.PERFORM, m.PerformArgs("img", c.unix, 0,
+                                                       int(m.MigrationFlags.RESUME)))
+            seconds = time.perf_counter() - start
+        return {"cut_at": cut_at, "resumed_from": seen[0], "seconds": seconds}
+    finally:
+        c.stop()
+
+
 def run_pump_tcp(size: int, workdir: Path) -> float:
     import throughput
 
@@ -186,6 +223,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="512 MiB, 3 rounds")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--resume", action="store_true",
+                   help="also cut a migration at 3/4 (destination killed) and resume it")
     p.add_argument("--only", action="append", default=[],
                    help="rows whose name contains this (their anchors always run)")
     args = p.parse_args()
@@ -197,6 +236,7 @@ def main() -> int:
         rows = [r for r in rows if r in wanted]
     samples: dict[str, list[float]] = {r: [] for r in rows}
     cpus: dict[str, list[dict[str, float]]] = {r: [] for r in rows}
+    resume: dict[str, float] = {}
     workdir = Path(tempfile.mkdtemp(prefix="vn-bench-mig-", dir="/dev/shm"))
     daemons: list[Daemon] = []
     try:
@@ -241,13 +281,21 @@ def main() -> int:
         print(f"{row:45} {medians[row]:6.2f} {lo:6.2f}..{hi:<6.2f} {vs:>6}  {anchor or ''}")
         scenarios.append({"name": row, "value": round(medians[row], 3), "unit": "GB/s",
                           "ratio": None if ratio is None else round(ratio, 3)})
+    if resume:
+        rest = size - resume["resumed_from"]
+        print(f"\nresume: cut at {resume['cut_at'] / GiB:.2f} GiB (destination killed), "
+              f"resumed from {resume['resumed_from'] / GiB:.2f} GiB, moved the remaining "
+              f"{rest / GiB:.2f} GiB in {resume['seconds']:.2f} s (digests of the staged "
+              "prefix included)")
+        scenarios.append({"name": "migration resumed after a cut at 3/4, unix",
+                          "value": round(resume["seconds"], 3), "unit": "s", "ratio": None})
     if MIG_UNIX in medians and DD in medians:
         ratio = medians[MIG_UNIX] / medians[DD]
         verdict = "met" if ratio >= 0.8 else "missed"
         print(f"\ntarget: migration over unix >= 0.8x the local copy: {ratio:.2f}x {verdict}")
     if args.json:
         meta = {"size": size, "rounds": args.rounds, "samples": samples, "cpu": cpus,
-                "machine": machine_info()}
+                "resume": resume, "machine": machine_info()}
         with open(args.json, "w") as fh:
             json.dump({"scenarios": scenarios, "meta": meta}, fh, indent=2)
     return 0

@@ -77,8 +77,9 @@ async def test_migration_copies_the_image_and_reports_progress(daemons: Daemons)
                for _, ev in run.events)
     seconds = run.reply.elapsed_ns / 1e9
     assert 3 <= len(run.events) <= seconds * 10 + 3
-    gaps = [b[0] - a[0] for a, b in zip(run.events, run.events[1:], strict=False)]
-    assert min(gaps[:-1]) >= 0.09  # the final event may follow the last one closely
+    # No second holds more than ~10 (arrival times: a busy client may read two at once).
+    times = [t for t, _ in run.events]
+    assert max(sum(1 for u in times if t <= u < t + 1.0) for t in times) <= 12
 
 
 async def test_a_fast_migration_still_sends_a_final_progress(daemons: Daemons) -> None:
