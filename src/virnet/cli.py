@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import sys
@@ -23,6 +24,7 @@ from .errors import VirnetError
 from .services import files as f
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
 class UsageError(Exception):
@@ -237,6 +239,106 @@ def _summary(verb: str, done: int, elapsed: float) -> None:
           file=sys.stderr)
 
 
+_RATE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_rate(text: str) -> int:
+    """A bandwidth in bytes/s: ``100M`` is 100 MiB/s; units K, M, G, T (binary), each
+    also as ``KiB``, with an optional ``B`` and ``/s`` (``100MiB/s``); 0 is unlimited."""
+    raw = text.strip().lower().replace(" ", "")
+    body = raw.removesuffix("/s")
+    body = body.removesuffix("ib") if body.endswith("ib") else body.removesuffix("b")
+    unit = body[-1:] if body[-1:].isalpha() else ""
+    number = body[: len(body) - len(unit)]
+    if unit not in _RATE_UNITS or not number:
+        raise argparse.ArgumentTypeError(
+            f"not a rate: {text!r} (bytes/s, or with K, M, G, T: 100M is 100 MiB/s)"
+        )
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r}")
+    return round(value * _RATE_UNITS[unit])
+
+
+async def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
+    """PERFORM on the daemon we talk to (the source), a bar from its PROGRESS events,
+    ABORT on Ctrl-C (exit 130), one result line."""
+    import signal
+
+    from .services import migration as mig
+
+    flags = (mig.MigrationFlags.MOVE if args.move else 0) | (
+        mig.MigrationFlags.RESUME if args.resume else 0
+    )
+    serial = client.protocol.allocate_serial()
+    show = _show_progress(args)
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    start = time.perf_counter()
+    with _bar(show, f"migrate {args.name}") as bar:
+        sized = False
+
+        def on_progress(ev: Any) -> None:
+            nonlocal sized
+            if ev.job_serial != serial:
+                return
+            if not sized:
+                bar.total(ev.total)
+                sized = True
+            bar.update(ev.transferred)
+            if ev.transferred == ev.total:
+                bar.committing()
+
+        unsubscribe = client.subscribe(mig.PROGRESS, on_progress)
+        payload = mig.PERFORM.encode_args(
+            mig.PerformArgs(args.name, args.dest_uri, args.bandwidth, int(flags))
+        )
+        prog = mig.MIGRATION
+        call = asyncio.ensure_future(
+            client.call_raw(prog.number, prog.version, mig.PERFORM.number, payload,
+                            serial=serial)
+        )
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        stop = asyncio.ensure_future(interrupted.wait())
+        try:
+            await asyncio.wait((call, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                # Ctrl-C: ask the daemon to abort, and wait for it to roll back (its
+                # PERFORM then fails with the abort); a second Ctrl-C leaves at once.
+                with contextlib.suppress(VirnetError, OSError, TimeoutError):
+                    await client.call(mig.ABORT, mig.NameArgs(args.name), timeout=60)
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(call, timeout=10)
+                raise Interrupted(f"migrate {args.name}: interrupted, migration aborted")
+            try:
+                data = call.result()
+            except VirnetError as exc:
+                raise CommandError(str(exc)) from None
+            reply = mig.PERFORM.decode_ret(data)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            stop.cancel()
+            unsubscribe()
+            if not call.done():
+                call.cancel()
+        elapsed = reply.elapsed_ns / 1e9 if reply.elapsed_ns else time.perf_counter() - start
+        bar.finish(reply.bytes, elapsed)
+    if not args.quiet:
+        from ._progressbar import format_rate
+
+        moved = " (source deleted)" if args.move else ""
+        print(f"migrated {args.name} to {args.dest_uri}: {format_size(reply.bytes)} in "
+              f"{elapsed:.2f} s ({format_rate(reply.bytes / max(elapsed, 1e-9))}){moved}")
+    return EXIT_OK
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the one line to print, exit status 130."""
+
+
 def _nonnegative(text: str) -> int:
     try:
         value = int(text, 0)
@@ -326,6 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "until the console has been quiet this long (default 0.5)")
     sp.set_defaults(func=cmd_console)
 
+    sp = sub.add_parser("migrate", help="have the daemon migrate image NAME to the daemon "
+                        "at DEST_URI")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("dest_uri", metavar="DEST_URI",
+                    help="the destination daemon, as the source daemon reaches it")
+    sp.add_argument("--bandwidth", type=parse_rate, default=0, metavar="RATE",
+                    help="cap in bytes/s; K, M, G suffixes (100M = 100 MiB/s); 0 = none")
+    sp.add_argument("--move", action="store_true",
+                    help="delete the source once the destination has committed")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue an interrupted migration: send only what is missing")
+    sp.add_argument("--progress", dest="progress", action="store_true", default=None,
+                    help="always show a progress bar on stderr")
+    sp.add_argument("--no-progress", dest="progress", action="store_false")
+    sp.set_defaults(func=cmd_migrate)
+
     sp = sub.add_parser("demo", help="start an embedded daemon and tour virnet")
     sp.add_argument("--size", default="256M", help="bytes to push through the wire core")
     sp.set_defaults(func=None, demo=True)
@@ -362,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     except (VirnetError, OSError, ValueError, CommandError) as exc:
         print(f"virnet: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Interrupted as exc:
+        print(f"virnet: error: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("virnet: error: interrupted", file=sys.stderr)
         return EXIT_FAILED

@@ -11,8 +11,8 @@ from ..server import Server
 from .activation import InheritedSocket, inherited_sockets
 from .config import DaemonConfig
 from .console import ConsoleService
-from .files import FilesService
-from .paths import Root
+from .migration import MigrationService
+from .staging import HiddenRoot, HidingFilesService
 from .transfer import TransferService
 
 log = logging.getLogger("virnet.daemon")
@@ -28,7 +28,8 @@ class Daemon:
         #: with them, no default socket is made.
         self.inherited = inherited or []
         self.config = config.finish(default_listen=not self.inherited)
-        self.root = Root(self.config.root)
+        # The root as FILES sees it: without the migration staging directory.
+        self.root = HiddenRoot(self.config.root, self.config.staging_dir)
         self.server = Server(
             max_message=config.max_message,
             max_clients=config.max_clients,
@@ -38,14 +39,25 @@ class Daemon:
             keepalive_count=config.keepalive_count,
             window=config.window,
         )
-        self.files = FilesService(self.root)
+        self.files = HidingFilesService(self.root)
         self.files.register(self.server)
         self.transfers = TransferService(self.root)
         self.transfers.register(self.server)
         self.consoles = ConsoleService(self.config.consoles, self.config.console_history)
         self.consoles.register(self.server)
+        self.migration = MigrationService(
+            self.root,
+            staging_dir=self.config.staging_dir,
+            staging_expiry=self.config.staging_expiry,
+            destinations=self.config.migration_destinations,
+            keepalive_interval=self.config.keepalive_interval,
+            keepalive_count=self.config.keepalive_count,
+            connect_timeout=self.config.migration_connect_timeout,
+        )
+        self.migration.register(self.server)
 
     async def start(self) -> list[str]:
+        await self.migration.start()  # expired staged data of an earlier run goes
         # Programs start with the daemon, before the first client can ask for them.
         await self.consoles.start()
         uris = [
@@ -59,6 +71,7 @@ class Daemon:
         return uris
 
     async def stop(self) -> None:
+        await self.migration.close()  # outgoing migrations fail before the server closes
         await self.server.close()
         await self.consoles.close()
         self.files.close()

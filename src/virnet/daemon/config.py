@@ -13,6 +13,14 @@ Example ``virnetd.toml``::
     keepalive_interval = 5
     keepalive_count = 5
     window = 4194304
+    # migrations: where this daemon may send images ("unix" = any Unix socket,
+    # "loopback" = 127.0.0.0/8 and ::1, else IP addresses or networks), where incoming
+    # ones are staged (a directory of that name in the root, hidden from FILES) and for
+    # how many seconds an interrupted one stays resumable
+    migration_destinations = ["unix", "loopback", "10.0.0.0/24"]
+    migration_connect_timeout = 30
+    staging_dir = ".virnet-staging"
+    staging_expiry = 600
 
     console_history = 65536           # bytes of output each console keeps for replay
 
@@ -46,6 +54,10 @@ class DaemonConfig:
     keepalive_interval: float = 5.0
     keepalive_count: int = 5
     window: int = 4 * 1024 * 1024
+    migration_destinations: list[str] = field(default_factory=lambda: ["unix", "loopback"])
+    migration_connect_timeout: float = 30.0
+    staging_dir: str = ".virnet-staging"
+    staging_expiry: float = 600.0
 
     def finish(self, *, default_listen: bool = True) -> DaemonConfig:
         """Fill in environment-dependent defaults (the default socket only when nothing
