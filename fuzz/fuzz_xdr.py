@@ -97,6 +97,7 @@ def _instrument_generated() -> None:
             return
         seen.add(id(t))
         if isinstance(t, xdr.StructType):
+            t.compile()  # codecs are generated lazily; instrument the generated ones
             t.pack = atheris.instrument_func(t.pack)  # type: ignore[method-assign]
             t.unpack = atheris.instrument_func(t.unpack)  # type: ignore[method-assign]
             for _, ft in t.fields:

@@ -298,20 +298,36 @@ class StructType(XdrType[T]):
         self.name = cls.__name__
         # Compiled on first use: a program declares dozens of structs, and a command-line
         # client that makes one call should not pay for generating every codec at import.
+        self._compiled_pack: Callable[[Any, Any], None] | None = None
+        self._compiled_unpack: Callable[[Any], Any] | None = None
         self.pack = self._first_pack  # type: ignore[method-assign]
         self.unpack = self._first_unpack  # type: ignore[method-assign]
+
+    def compile(self) -> None:
+        """Generate both codecs now (instead of at first use): ``pack`` and ``unpack``
+        are then the generated functions themselves."""
+        if self._compiled_pack is None:
+            self._compiled_pack = self._compile_pack()
+        if self._compiled_unpack is None:
+            self._compiled_unpack = self._compile_unpack()
+        self.pack = self._compiled_pack  # type: ignore[method-assign, assignment]
+        self.unpack = self._compiled_unpack  # type: ignore[method-assign, assignment]
 
     # Whoever bound ``pack``/``unpack`` before the first use keeps calling these: compile
     # once, then only forward.
     def _first_pack(self, packer: Any, value: Any) -> None:
-        if self.pack == self._first_pack:
-            self.pack = self._compile_pack()  # type: ignore[method-assign, assignment]
-        self.pack(packer, value)
+        fn = self._compiled_pack
+        if fn is None:
+            fn = self._compiled_pack = self._compile_pack()
+            self.pack = fn  # type: ignore[method-assign, assignment]
+        fn(packer, value)
 
     def _first_unpack(self, unpacker: Any) -> Any:
-        if self.unpack == self._first_unpack:
-            self.unpack = self._compile_unpack()  # type: ignore[method-assign, assignment]
-        return self.unpack(unpacker)
+        fn = self._compiled_unpack
+        if fn is None:
+            fn = self._compiled_unpack = self._compile_unpack()
+            self.unpack = fn  # type: ignore[method-assign, assignment]
+        return fn(unpacker)
 
     def _field_code(self, i: int, ftype: XdrType[Any], packing: bool, arg: str = "") -> str:
         if isinstance(ftype, _Primitive):
