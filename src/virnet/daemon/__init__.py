@@ -1,1 +1,1 @@
-"""virnetd: the daemon serving FILES (and later CONSOLE and MIGRATION) over virnet."""
+"""virnetd: the daemon serving FILES, CONSOLE and MIGRATION over virnet."""
