@@ -12,8 +12,9 @@ migration path itself (read, tunnel, write, fsync, rename), not a disk.  Rows, e
 round in this order, interleaved (so a noisy neighbour hurts all of them alike):
 
 * ``local copy, dd bs=1M into a new file (tmpfs)`` -- the anchor of the Unix row:
-  ``dd if=IMG of=NEW bs=1M status=none`` on the same tmpfs, NEW removed first; timed
-  from spawning dd to its exit.
+  ``dd if=IMG of=NEW bs=1M status=none`` on the same tmpfs; timed from spawning dd to
+  its exit.  Before every row the copies the rows before made are removed, so each
+  one writes into the same amount of free memory.
 * ``migration, unix, tmpfs roots`` -- PERFORM on the source daemon with the destination's
   Unix socket as ``dest_uri``; timed by this process from the call to the reply (the
   destination's fsync and rename included).  The destination's copy is removed before
@@ -249,6 +250,11 @@ def main() -> int:
         digest = fill(a.root / "img", size)
         for rnd in range(args.rounds):
             for row in rows:
+                # Every row starts with the same free memory: the copies of the rows
+                # before are removed first (a tmpfs file written into pages just freed
+                # is much faster here than one that needs fresh pages from the host).
+                (b.root / "img").unlink(missing_ok=True)
+                (a.root / "dd-new").unlink(missing_ok=True)
                 cpu: dict[str, float] = {}
                 if row == DD:
                     seconds = run_dd(a.root / "img", a.root / "dd-new")
