@@ -35,7 +35,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 
@@ -109,7 +108,7 @@ async def _count_tasks() -> int:
 
 class Harness:
     def __init__(self) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="vnfuzz-", dir="/tmp")
+        self.tmp = _harness.scratch_dir("vnfuzz")
         self.root = os.path.join(self.tmp, "root")
         self.sock = os.path.join(self.tmp, "rw.sock")
         self.ro_sock = os.path.join(self.tmp, "ro.sock")
