@@ -19,6 +19,24 @@ import atheris
 _target: Callable[[bytes], None] | None = None
 
 
+def scratch_dir(prefix: str) -> str:
+    """A temporary directory for this harness process.  libFuzzer ends the process with
+    ``_exit`` (atexit handlers do not run), so each one is named after its process and
+    those of processes that are gone are removed here, at the next start."""
+    import glob
+    import shutil
+    import tempfile
+
+    for old in glob.glob(f"/tmp/{prefix}-*-*"):
+        try:
+            pid = int(old.rsplit("/", 1)[1].split("-")[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir="/tmp")
+
+
 def core_name() -> str:
     return "pure" if os.environ.get("VIRNET_NO_EXTENSIONS") else "compiled"
 

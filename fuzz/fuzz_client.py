@@ -29,7 +29,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 
 import atheris
 
@@ -60,7 +59,7 @@ class Findings(logging.Handler):
 
 class Harness:
     def __init__(self) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="vnfuzzc-", dir="/tmp")
+        self.tmp = _harness.scratch_dir("vnfuzzc")
         self.path = os.path.join(self.tmp, "s.sock")
         self.findings = Findings()
         logging.getLogger().addHandler(self.findings)

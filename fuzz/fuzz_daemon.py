@@ -18,11 +18,11 @@ Checks, each a finding when it fails:
 * nothing is logged at ERROR or above and no exception reaches the loop's handler (a
   handler's crash, a protocol callback that raised something else than the library's
   errors, a task that died);
-* every ``HEALTH_EVERY`` inputs and at exit: a STAT on another connection is answered,
-  the connections are gone from the server, and the open descriptors and threads are
-  not growing (``/proc/self``).  Memory is bounded by libFuzzer's ``-rss_limit_mb``;
-  ``FUZZ_DAEMON_STATS=1`` prints RSS, the loop's task count, descriptors and threads at
-  each health check.
+* every ``HEALTH_EVERY`` inputs (libFuzzer exits without a last one): a STAT on
+  another connection is answered, the connections are gone from the server, and the
+  open descriptors and threads are not growing (``/proc/self``).  Memory is bounded
+  by libFuzzer's ``-rss_limit_mb``; ``FUZZ_DAEMON_STATS=1`` prints RSS, the loop's
+  task count, descriptors and threads at each health check.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 
@@ -109,7 +108,7 @@ async def _count_tasks() -> int:
 
 class Harness:
     def __init__(self) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="vnfuzz-", dir="/tmp")
+        self.tmp = _harness.scratch_dir("vnfuzz")
         self.root = os.path.join(self.tmp, "root")
         self.sock = os.path.join(self.tmp, "rw.sock")
         self.ro_sock = os.path.join(self.tmp, "ro.sock")
