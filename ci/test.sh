@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== ruff"
-ruff check src tests bench conftest.py setup.py
+ruff check src tests bench fuzz conftest.py setup.py
 echo "== mypy"
 mypy
 
