@@ -272,6 +272,11 @@ def main() -> int:
                       f"({seconds:.3f} s){extra}", flush=True)
         if (MIG_UNIX in rows or MIG_TCP in rows) and sha(b.root / "img") != digest:
             raise RuntimeError("the migrated image differs from the source")
+        if args.resume:
+            (b.root / "img").unlink(missing_ok=True)
+            resume = asyncio.run(cut_and_resume(a, workdir, size))
+            if sha(workdir / "c" / "img") != digest:
+                raise RuntimeError("the resumed image differs from the source")
     finally:
         for d in daemons:
             d.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import sys
 
@@ -49,6 +50,31 @@ def _size(text: str) -> int:
     return value * units[unit]
 
 
+#: glibc's mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: Allocations below this come from the heap and are reused (bytes).
+MMAP_THRESHOLD = 4 * 1024 * 1024
+#: Free memory at the top of the heap kept for reuse rather than given back (bytes).
+TRIM_THRESHOLD = 64 * 1024 * 1024
+
+
+def tune_malloc() -> None:
+    """Keep the receive buffers of stream packets (one ~256 KiB buffer per large
+    packet) in the heap.  glibc otherwise may give each one its own mmap and munmap it
+    when freed, so every packet costs a page fault per 4 KiB on the way in: measured on
+    a 2 GiB migration between two daemons on tmpfs, 0.09-0.97 GB/s from run to run
+    without, 0.60-0.88 with.  No-op where glibc's mallopt is absent."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -73,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"virnetd: error: {exc}", file=sys.stderr)
             return 2
         config.consoles[name] = spec
+    tune_malloc()
     logging.basicConfig(
         level=config.log_level.upper(),
         format="virnetd: %(levelname)s %(name)s: %(message)s",
