@@ -218,6 +218,10 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
     def stream_closed(self, stream: object) -> None:
         """A stream ended (roles override to keep their own accounting)."""
 
+    def on_written(self) -> None:
+        """Packets were just handed to the transport (roles override to bound what a
+        peer leaves unread)."""
+
     # ------------------------------------------------------------------ closing
     def abort_connection(self, exc: BaseException) -> None:
         """Close at once because of ``exc`` (a protocol violation, keepalive timeout)."""
@@ -312,6 +316,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         out: list[Buffer] = self.take_output(0 if self._write_paused else budget, packet_limit)
         if out:
             transport.writelines(out)
+            self.on_written()
         if self.has_output() and not self._write_paused:
             # Stream data still waiting and room left: continue next iteration so that
             # other tasks (and incoming calls) get their turn in between.

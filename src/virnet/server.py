@@ -3,7 +3,10 @@
 Every call runs in a task of its own, so a slow handler delays no other call.  Calls in
 flight per connection are bounded (``max_calls``); beyond it they wait in arrival order
 and none is dropped, and if even that queue grows large the connection stops reading
-until it drains.  A handler's ``RPCError`` becomes libvirt's error reply with the same
+until it drains.  A client that leaves more than ``max_client_output`` bytes of replies
+unread is paused the same way, and none of its waiting calls or blocking jobs starts
+until it catches up.  Blocking work runs in worker threads shared between clients in
+turns (``run_blocking``).  A handler's ``RPCError`` becomes libvirt's error reply with the same
 fields; any other exception is logged with its traceback and the client gets a clean
 internal-error message.  A malformed packet closes only that connection.
 
@@ -26,11 +29,13 @@ import os
 import socket
 import stat
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from . import protocol, xdr
+from ._blocking import WORKERS as BLOCKING_WORKERS
+from ._blocking import BlockingPool
 from ._core import Mode
 from ._impl import Message
 from ._protocol import RPCProtocol
@@ -54,8 +59,14 @@ _OK = int(MessageStatus.OK)
 _ERROR = int(MessageStatus.ERROR)
 
 Handler = Callable[["CallContext", Any], Awaitable[Any]]
+T = TypeVar("T")
 
 DEFAULT_WINDOW = 4 * 1024 * 1024
+#: Bytes of replies and events a client may leave unread before the server starts no
+#: more of its calls and stops reading from it, until it catches up.
+DEFAULT_MAX_CLIENT_OUTPUT = 4 * 1024 * 1024
+#: Worker threads for jobs that read whole files (checksums), apart from the quick ones.
+LONG_WORKERS = 2
 #: Seconds a stream handler may run on after its client vanished before it is cancelled.
 STREAM_TASK_GRACE = 10.0
 #: Idle worker tasks kept per connection for the next calls.
@@ -67,6 +78,7 @@ ACCEPT_PAUSE = 0.25
 #: Connections refused for lack of descriptors are logged at most once per this many
 #: seconds (with how many were refused since the last line).
 REFUSED_LOG_INTERVAL = 10.0
+_UNREAD_OUTPUT = "unread replies"  # a hold_reading reason
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -136,6 +148,14 @@ class CallContext:
     def emit_event(self, event: Event, body: Any = None) -> None:
         self.connection.emit_event(event, body)
 
+    def run_blocking(
+        self, fn: Callable[..., T], *args: Any, long: bool = False
+    ) -> asyncio.Future[T]:
+        """``fn(*args)`` in a worker thread, taking turns with other clients' calls;
+        ``long=True`` for jobs that read whole files (checksums), which get workers of
+        their own so they never hold up quick metadata calls."""
+        return self.connection.run_blocking(fn, *args, long=long)
+
 
 
 class ServerConnection(RPCProtocol):
@@ -162,6 +182,8 @@ class ServerConnection(RPCProtocol):
         self.state: dict[str, Any] = {}  # per-connection storage for services
         self.open_streams: set[Stream] = set()
         self.stream_tasks: set[asyncio.Task[Any]] = set()
+        # Set while calls wait for the client to read its replies (max_client_output).
+        self._drained: asyncio.Future[None] | None = None
 
     def stream_closed(self, stream: object) -> None:
         if isinstance(stream, Stream):
@@ -182,6 +204,7 @@ class ServerConnection(RPCProtocol):
     def on_closed(self, exc: BaseException) -> None:
         self.server._forget(self)
         self.waiting.clear()
+        self._output_drained()  # its waiters are cancelled with the workers below
         for task in list(self.workers):
             if task in self.stream_tasks:
                 # Its stream already failed with "connection lost": let the handler see
@@ -222,6 +245,11 @@ class ServerConnection(RPCProtocol):
         while True:
             self.wakeups -= 1
             while waiting:
+                if self._drained is not None:
+                    # Paused for unread replies (``_pause_for_output``).
+                    await asyncio.shield(self._drained)
+                    if not waiting:
+                        break
                 msg = waiting.popleft()
                 if self._read_pausers and len(waiting) < max_queued // 2:
                     self.hold_reading("call queue", False)
@@ -246,6 +274,55 @@ class ServerConnection(RPCProtocol):
             fut = self.loop.create_future()
             self.idle.append(fut)
             await fut
+
+    # ------------------------------------------------------------------ bounded output
+    def output_backlog(self) -> int:
+        """Bytes written to this client that it has not read yet (what the transport
+        holds; the kernel's socket buffer is bounded already)."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def on_written(self) -> None:
+        if self._drained is None and self.output_backlog() > self.server.max_client_output:
+            self._pause_for_output()
+
+    def _pause_for_output(self) -> None:
+        """The client is not reading what we send: stop reading its calls, start none
+        of those already read (they wait, none is dropped) and start none of its
+        blocking jobs, until its replies drain."""
+        if not self._write_paused:
+            # Only a bound below the transport's high-water mark gets here; the
+            # transport would never report draining, so do not wait for it.
+            return
+        self._drained = self.loop.create_future()
+        self.hold_reading(_UNREAD_OUTPUT, True)
+        self.server.pause_owner(self)
+        log.debug(
+            "client %s has %d bytes of unread replies: pausing it",
+            self.peer,
+            self.output_backlog(),
+        )
+
+    def _output_drained(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            self.hold_reading(_UNREAD_OUTPUT, False)
+            self.server.resume_owner(self)
+            if not drained.done():
+                drained.set_result(None)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        # The transport fell to its low-water mark, far below the bound.
+        if self._drained is not None:
+            self._output_drained()
+
+    def run_blocking(
+        self, fn: Callable[..., T], *args: Any, long: bool = False
+    ) -> asyncio.Future[T]:
+        """``fn(*args)`` in one of the server's worker threads, taking turns with other
+        clients (``Server.run_blocking``)."""
+        return self.server.run_blocking(self, fn, *args, long=long)
 
     async def wait_idle(self) -> None:
         """Until no call is running or waiting (graceful shutdown)."""
@@ -387,8 +464,18 @@ class Server:
         keepalive_count: int = 5,
         window: int = DEFAULT_WINDOW,
         rx_budget: int = 64 * 1024 * 1024,
+        max_client_output: int = DEFAULT_MAX_CLIENT_OUTPUT,
+        blocking_workers: int = BLOCKING_WORKERS,
+        long_workers: int = LONG_WORKERS,
     ) -> None:
+        if max_client_output < 1:
+            raise ValueError("max_client_output must be positive")
         self.max_message = max_message
+        self.max_client_output = max_client_output
+        self.blocking_workers = blocking_workers
+        self.long_workers = long_workers
+        self._pools: dict[bool, BlockingPool] = {}  # long? -> pool, made on first use
+        self._paused_owners: set[Hashable] = set()
         self.max_clients = max_clients
         self.max_calls = max_calls
         self.max_queued_calls = max_queued_calls
@@ -405,6 +492,32 @@ class Server:
         self._closing = False
         self._closed = asyncio.Event()
         self._refusals = _Refusals()
+
+    # ------------------------------------------------------------------ blocking work
+    def run_blocking(
+        self, owner: Hashable, fn: Callable[..., T], *args: Any, long: bool = False
+    ) -> asyncio.Future[T]:
+        """``fn(*args)`` in a worker thread.  Each ``owner`` (a connection) has a queue
+        of its own and the workers serve the owners in turn, so one client's burst
+        delays another's call by at most one call per busy client."""
+        pool = self._pools.get(long)
+        if pool is None:
+            workers = self.long_workers if long else self.blocking_workers
+            pool = self._pools[long] = BlockingPool(asyncio.get_running_loop(), workers)
+            for paused in self._paused_owners:
+                pool.pause(paused)
+        return pool.run(fn, *args, owner=owner)
+
+    def pause_owner(self, owner: Hashable) -> None:
+        """Start none of ``owner``'s blocking jobs until ``resume_owner``."""
+        self._paused_owners.add(owner)
+        for pool in self._pools.values():
+            pool.pause(owner)
+
+    def resume_owner(self, owner: Hashable) -> None:
+        self._paused_owners.discard(owner)
+        for pool in self._pools.values():
+            pool.resume(owner)
 
     # ------------------------------------------------------------------ registration
     def register(
@@ -529,6 +642,9 @@ class Server:
         for conn in conns:
             if conn.transport is not None:
                 conn.transport.abort()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
         self._closed.set()
 
     async def __aenter__(self) -> Server:

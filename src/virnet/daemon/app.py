@@ -38,6 +38,7 @@ class Daemon:
             keepalive_interval=config.keepalive_interval,
             keepalive_count=config.keepalive_count,
             window=config.window,
+            max_client_output=config.max_client_output,
         )
         self.files = HidingFilesService(self.root)
         self.files.register(self.server)
@@ -74,7 +75,6 @@ class Daemon:
         await self.migration.close()  # outgoing migrations fail before the server closes
         await self.server.close()
         await self.consoles.close()
-        self.files.close()
 
 
 async def run(config: DaemonConfig) -> int:

@@ -13,6 +13,7 @@ Example ``virnetd.toml``::
     keepalive_interval = 5
     keepalive_count = 5
     window = 4194304
+    max_client_output = 4194304     # unread reply bytes per client before it is paused
     # migrations: where this daemon may send images ("unix" = any Unix socket,
     # "loopback" = 127.0.0.0/8 and ::1, else IP addresses or networks), where incoming
     # ones are staged (a directory of that name in the root, hidden from FILES) and for
@@ -54,6 +55,7 @@ class DaemonConfig:
     keepalive_interval: float = 5.0
     keepalive_count: int = 5
     window: int = 4 * 1024 * 1024
+    max_client_output: int = 4 * 1024 * 1024
     migration_destinations: list[str] = field(default_factory=lambda: ["unix", "loopback"])
     migration_connect_timeout: float = 30.0
     staging_dir: str = ".virnet-staging"

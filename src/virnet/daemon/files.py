@@ -1,29 +1,25 @@
 """Handlers of the FILES program (non-stream procedures; UPLOAD/DOWNLOAD live with the
 stream machinery).  Blocking file-system work runs in worker threads so one slow disk
 operation never stalls the event loop that serves every client (resolving the path
-included: it reads the file system too): quick metadata calls in a ``BlockingPool``
-(results handed back in batches), checksums (whole files) in asyncio's default executor
-so they never hold up the quick ones.  Paths are resolved beneath the root's descriptor
-and each call then works on the descriptors found (``paths``, ``confine``)."""
+included: it reads the file system too): quick metadata calls in the server's blocking
+workers, checksums (whole files) in its long-job workers so they never hold up the quick
+ones; in both, clients take turns (``Server.run_blocking``).  Paths are resolved beneath
+the root's descriptor and each call then works on the descriptors found (``paths``,
+``confine``)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import stat
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from .._blocking import BlockingPool
 from ..errors import ErrorCode, ErrorDomain, RPCError
 from ..server import CallContext, Server
 from ..services import files as f
 from .paths import Root, system_error
 
 CHECKSUM_BLOCK = 1024 * 1024
-
-T = TypeVar("T")
 
 
 def _kind(mode: int) -> f.Kind:
@@ -37,19 +33,7 @@ def _kind(mode: int) -> f.Kind:
 class FilesService:
     def __init__(self, root: Root) -> None:
         self.root = root
-        self._pool: BlockingPool | None = None
 
-    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in the metadata pool (made on first use, on the serving loop)."""
-        if self._pool is None:
-            self._pool = BlockingPool(asyncio.get_running_loop())
-        return await self._pool.run(fn, *args)
-
-    def close(self) -> None:
-        """Let the metadata workers exit (the daemon is stopping)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
 
     def register(self, server: Server) -> None:
         server.register(f.STAT, self.stat, readonly=True)
@@ -60,7 +44,7 @@ class FilesService:
 
     async def stat(self, ctx: CallContext, args: f.PathArgs) -> f.StatReply:
         try:
-            st = await self._blocking(self.root.stat, args.path)
+            st = await ctx.run_blocking(self.root.stat, args.path)
         except OSError as exc:
             raise system_error(exc, f"stat {args.path!r}") from None
         return f.StatReply(
@@ -91,7 +75,7 @@ class FilesService:
             return out
 
         try:
-            return f.ListReply(await self._blocking(scan))
+            return f.ListReply(await ctx.run_blocking(scan))
         except OSError as exc:
             raise system_error(exc, f"list {args.path!r}") from None
 
@@ -108,7 +92,7 @@ class FilesService:
                 os.close(parent)
 
         try:
-            await self._blocking(remove)
+            await ctx.run_blocking(remove)
         except OSError as exc:
             raise system_error(exc, f"delete {args.path!r}") from None
 
@@ -121,7 +105,7 @@ class FilesService:
                 os.close(parent)
 
         try:
-            await self._blocking(make)
+            await ctx.run_blocking(make)
         except OSError as exc:
             raise system_error(exc, f"create directory {args.path!r}") from None
 
@@ -147,7 +131,7 @@ class FilesService:
             return bytes(h.digest())
 
         try:
-            value = await asyncio.to_thread(digest)
+            value = await ctx.run_blocking(digest, long=True)
         except OSError as exc:
             raise system_error(exc, f"checksum {args.path!r}") from None
         if len(value) > 64:

@@ -36,9 +36,8 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from .._core import Mode
 from .._fileio import BatchWriter, read_blocks, segments
@@ -57,11 +56,10 @@ from ..services import migration as m
 from ..stream import Hole, Stream
 from .paths import Root, fsync_directory, path_error, system_error
 from .ratelimit import Pacer
+from .setup import set_up
 from .staging import Meta, Staging, block_digest, entry_key, normalise
 
 log = logging.getLogger("virnet.daemon.migration")
-
-T = TypeVar("T")
 
 #: Seconds between PROGRESS events (at most ~10 per second).
 PROGRESS_INTERVAL = 0.1
@@ -163,22 +161,6 @@ class _Identified:
     source_root: bytes
     staged: int
     token: str
-
-
-async def _setup_in_thread(setup: Callable[[], T], undo: Callable[[T], None]) -> T:
-    """``setup()`` in a worker thread; if the caller is cancelled meanwhile, the thread
-    still runs to its end and ``undo`` releases what it made."""
-    job = asyncio.ensure_future(asyncio.to_thread(setup))
-    try:
-        return await asyncio.shield(job)
-    except asyncio.CancelledError:
-
-        def done(fut: asyncio.Future[T]) -> None:
-            if not fut.cancelled() and fut.exception() is None:
-                undo(fut.result())
-
-        job.add_done_callback(done)
-        raise
 
 
 class MigrationService:
@@ -515,7 +497,7 @@ class MigrationService:
                 staging.remove(key)
 
         try:
-            fd, offset, mode = await _setup_in_thread(setup, undo)
+            fd, offset, mode = await set_up(ctx.connection, setup, undo)
         except OSError as exc:
             raise system_error(exc, f"stage {name!r} at the destination") from None
         keep = ident is not None  # a failure may be resumed only if the image is known
@@ -750,7 +732,7 @@ class OutgoingJob:
                     raise
             return fd, st
 
-        fd, st = await _setup_in_thread(open_source, lambda opened: os.close(opened[0]))
+        fd, st = await set_up(self.caller, open_source, lambda opened: os.close(opened[0]))
         self.total = st.st_size
         client: Client | None = None
         stream: Stream | None = None

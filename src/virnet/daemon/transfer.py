@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Callable
-from typing import TypeVar
 
 from .._fileio import IO_BATCH, BatchWriter, read_blocks, segments
 from .._syscalls import punch_hole
@@ -30,8 +28,7 @@ from ..server import CallContext, Server
 from ..services import files as f
 from ..stream import Hole
 from .paths import Replacement, Root, exists_error, system_error
-
-T = TypeVar("T")
+from .setup import set_up
 
 _KNOWN_FLAGS = int(
     f.TransferFlags.SPARSE | f.TransferFlags.EXCLUSIVE | f.TransferFlags.NO_SYNC
@@ -72,7 +69,7 @@ class TransferService:
         def prepare() -> Replacement:
             return self.root.replacement(wire_path, exclusive=excl)
 
-        rep = await _setup_in_thread(prepare, Replacement.release)
+        rep = await set_up(ctx.connection, prepare, Replacement.release)
         fd = rep.fd
         committed = False
         writer = BatchWriter(fd)
@@ -113,7 +110,7 @@ class TransferService:
             fd, _ = _open_regular(self.root, args.path, os.O_WRONLY, "open {!r} for writing")
             return fd
 
-        fd = await _setup_in_thread(open_target, os.close)
+        fd = await set_up(ctx.connection, open_target, os.close)
         writer = BatchWriter(fd, args.offset)
         try:
             stream = ctx.accept_stream(sparse=sparse)
@@ -157,7 +154,9 @@ class TransferService:
         def open_source() -> tuple[int, int]:
             return _open_regular(self.root, args.path, os.O_RDONLY, "open {!r}")
 
-        fd, file_size = await _setup_in_thread(open_source, lambda opened: os.close(opened[0]))
+        fd, file_size = await set_up(
+            ctx.connection, open_source, lambda opened: os.close(opened[0])
+        )
         try:
             if args.offset > file_size:
                 raise _arg_error(f"offset {args.offset} is beyond the end ({file_size} bytes)")
@@ -183,24 +182,6 @@ class TransferService:
             raise system_error(exc, f"read {args.path!r}") from None
         finally:
             os.close(fd)
-
-
-async def _setup_in_thread(setup: Callable[[], T], undo: Callable[[T], None]) -> T:
-    """``setup()`` in a worker thread: resolving a path and opening or creating a file
-    read the file system, which must never hang the event loop.  If the handler is
-    cancelled meanwhile (its client vanished), the thread still runs to its end, and
-    ``undo`` then releases what it made (a descriptor, a temporary file)."""
-    job = asyncio.ensure_future(asyncio.to_thread(setup))
-    try:
-        return await asyncio.shield(job)
-    except asyncio.CancelledError:
-        job.add_done_callback(functools.partial(_undo_when_done, undo))
-        raise
-
-
-def _undo_when_done(undo: Callable[[T], None], job: asyncio.Future[T]) -> None:
-    if not job.cancelled() and job.exception() is None:
-        undo(job.result())
 
 
 def _open_regular(root: Root, wire_path: str, mode: int, what: str) -> tuple[int, int]:
