@@ -440,3 +440,19 @@ async def test_keepalive_keeps_a_live_connection(env: Env) -> None:
 
 def test_protocol_error_type() -> None:
     assert issubclass(ProtocolError, virnet.VirnetError)
+
+
+async def test_wait_idle_ends_when_the_last_call_does(env: Env) -> None:
+    """Graceful shutdown waits for the running calls and ends with the last of them."""
+    async with await virnet.connect(env.uri) as client:
+        calls = [asyncio.ensure_future(client.call(BLOCK, EchoArgs("x", 0, i))) for i in range(3)]
+        while env.service.running < 3:
+            await asyncio.sleep(0.005)
+        (conn,) = env.server.connections
+        idle = asyncio.ensure_future(conn.wait_idle())
+        await asyncio.sleep(0.05)
+        assert not idle.done()
+        env.service.gate.set()
+        await asyncio.wait_for(idle, 5)
+        assert conn.active == 0 and not conn.waiting
+        assert [r.n for r in await asyncio.gather(*calls)] == [0, 1, 2]

@@ -59,6 +59,13 @@ LEAN_LOW_WATER = 0
 #: buffers: setting ``SO_SNDBUF`` there would end the kernel's autotuning for the
 #: connection's lifetime.
 LEAN_SOCKET_BUFFER = 96 * 1024
+#: Outside lean mode, the kernel send buffer of a Unix socket (as read back).  The
+#: default (208 KiB) is smaller than one stream packet, so the sender stalls until the
+#: receiver has taken most of a packet and the two take turns instead of overlapping:
+#: a daemon-to-daemon migration over a Unix socket ran at 0.53-0.64 GB/s with it and at
+#: 0.82-0.86 with 4 MiB.  Lean mode still shrinks it while calls are served, so what it
+#: holds ahead of a reply is bounded by the time the first lean flush happens.
+BULK_SOCKET_BUFFER = 4 * 1024 * 1024
 #: Linux doubles the ``SO_SNDBUF`` asked for (and reports the doubled size).
 _SNDBUF_SCALE = 2 if sys.platform.startswith("linux") else 1
 
@@ -119,6 +126,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
                 pass
         elif sock is not None and sock.family == socket.AF_UNIX:
             self._unix_sock = sock
+            self._grow_sndbuf(sock)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
@@ -277,6 +285,19 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             transport.set_write_buffer_limits(high=LEAN_HIGH_WATER, low=LEAN_LOW_WATER)
             self._set_sndbuf(lean=True)
         self._lean_until = self.loop.time() + LEAN_HOLD
+
+    def _grow_sndbuf(self, sock: socket.socket) -> None:
+        """Give a Unix socket the bulk send buffer (``BULK_SOCKET_BUFFER``), or as much
+        of it as the system allows (``net.core.wmem_max`` caps it; we keep to the
+        administrator's cap)."""
+        try:
+            current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            if current < BULK_SOCKET_BUFFER:
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, BULK_SOCKET_BUFFER // _SNDBUF_SCALE
+                )
+        except OSError:  # only an optimisation
+            pass
 
     def _set_sndbuf(self, *, lean: bool) -> None:
         """Shrink a Unix socket's kernel send buffer for lean mode, or restore it.  Data

@@ -184,6 +184,7 @@ class ServerConnection(RPCProtocol):
         self.stream_tasks: set[asyncio.Task[Any]] = set()
         # Set while calls wait for the client to read its replies (max_client_output).
         self._drained: asyncio.Future[None] | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []  # wait_idle
 
     def stream_closed(self, stream: object) -> None:
         if isinstance(stream, Stream):
@@ -205,6 +206,7 @@ class ServerConnection(RPCProtocol):
         self.server._forget(self)
         self.waiting.clear()
         self._output_drained()  # its waiters are cancelled with the workers below
+        self._maybe_idle()
         for task in list(self.workers):
             if task in self.stream_tasks:
                 # Its stream already failed with "connection lost": let the handler see
@@ -264,6 +266,7 @@ class ServerConnection(RPCProtocol):
                     log.exception("internal error dispatching a call from %s", self.peer)
                 finally:
                     self.active -= 1
+                    self._maybe_idle()
                     if task is not None:
                         self.stream_tasks.discard(task)
             # The queue is drained: send the replies now, in one write, rather than a
@@ -327,7 +330,16 @@ class ServerConnection(RPCProtocol):
     async def wait_idle(self) -> None:
         """Until no call is running or waiting (graceful shutdown)."""
         while self.active or self.waiting:
-            await asyncio.sleep(0.01)
+            fut = self.loop.create_future()
+            self._idle_waiters.append(fut)
+            await fut
+
+    def _maybe_idle(self) -> None:
+        if self._idle_waiters and not self.active and not self.waiting:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     def reply_error(self, msg: Message, exc: RPCError) -> None:
         self.send_reply(
