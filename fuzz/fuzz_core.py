@@ -34,6 +34,7 @@ with atheris.instrument_imports(include=["virnet"]):
     from virnet._impl import FrameDecoder, Message
     from virnet.constants import FILES_PROGRAM
     from virnet.errors import VirnetError
+    from virnet.limits import Limits
 
 
 MAX_READS = 256
@@ -90,7 +91,10 @@ def test_one(data: bytes) -> None:
     config = data[0]
     step = data[1]
     stream = data[2:]
-    core = Core(is_client=bool(config & 1), max_message=4096 if config & 32 else 1 << 25)
+    core = Core(
+        is_client=bool(config & 1),
+        limits=Limits(max_message=4096 if config & 32 else 1 << 25),
+    )
     if config & 2:
         core.mode = Mode.NATIVE
         core.features = 3

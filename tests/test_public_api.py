@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import virnet
+from _rpcutil import remove_tree, short_tmpdir
 
 
 def test_everything_public_is_exported() -> None:
@@ -48,3 +49,43 @@ def test_mypy_sees_typed_replies(tmp_path: Path) -> None:
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1 and "snippet.py:12:" in errors[0], out
     assert status == 1
+
+
+def test_limits_are_one_validated_value_used_everywhere() -> None:
+    lim = virnet.Limits(window=1 << 20)
+    assert lim.replace(max_calls=8).max_calls == 8 and lim.max_calls == 256
+    with pytest.raises(ValueError, match="window"):
+        virnet.Limits(window=0)
+    with pytest.raises(TypeError, match="max_calls"):
+        virnet.Limits(max_calls="many")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        lim.replace(no_such_limit=1)
+
+
+async def test_server_and_client_take_limits() -> None:
+    tmp = short_tmpdir()
+    server = virnet.Server(limits=virnet.Limits(window=1 << 20), max_calls=8)
+    try:
+        assert server.limits.window == 1 << 20 and server.limits.max_calls == 8
+        address = await server.listen(f"unix://{tmp}/s.sock")
+        async with await virnet.connect(str(address), window=1 << 19) as client:
+            assert client.protocol.limits.window == 1 << 19
+            assert client.protocol.peer_window == 1 << 20  # the server's, from HELLO
+            (conn,) = server.connections
+            assert conn.limits is server.limits
+    finally:
+        await server.close()
+        remove_tree(tmp)
+
+
+def test_daemon_config_sets_every_limit(tmp_path: Path) -> None:
+    from virnet.daemon.config import DaemonConfig
+
+    conf = tmp_path / "virnetd.toml"
+    names = virnet.Limits.names()
+    conf.write_text("".join(f"{name} = {i + 30}\n" for i, name in enumerate(names)))
+    limits = DaemonConfig.from_file(str(conf)).limits()
+    assert [getattr(limits, n) for n in names] == [i + 30 for i in range(len(names))]
+    conf.write_text("window = 0\n")
+    with pytest.raises(ValueError, match=r"virnetd.toml: limit window must be positive"):
+        DaemonConfig.from_file(str(conf))

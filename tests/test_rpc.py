@@ -80,7 +80,7 @@ async def test_native_negotiation(env: Env) -> None:
     async with await virnet.connect(env.uri) as c:
         assert c.mode is virnet.Mode.NATIVE
         assert c.features == FEATURE_FLOW_CONTROL | FEATURE_KEEPALIVE
-        assert c.protocol.peer_window == env.server.window
+        assert c.protocol.peer_window == env.server.limits.window
 
 
 async def test_simple_call(env: Env) -> None:
@@ -89,7 +89,7 @@ async def test_simple_call(env: Env) -> None:
 
 
 async def test_1000_concurrent_calls_out_of_order(env: Env) -> None:
-    env.server.max_calls = 256
+    env.server.limits = env.server.limits.replace(max_calls=256)
     rng = random.Random(7)
     async with await virnet.connect(env.uri) as c:
         delays = [rng.randrange(0, 30) for _ in range(1000)]
@@ -130,7 +130,7 @@ async def test_slow_handler_delays_no_other_call(env: Env) -> None:
 
 
 async def test_calls_in_flight_are_bounded_and_queued_in_order(env: Env) -> None:
-    env.server.max_calls = 4
+    env.server.limits = env.server.limits.replace(max_calls=4)
     async with await virnet.connect(env.uri) as c:
         calls = [asyncio.ensure_future(c.call(BLOCK, EchoArgs("", 0, i))) for i in range(20)]
         for _ in range(100):

@@ -255,7 +255,7 @@ async def test_flow_control_stalled_reader_blocks_nothing_else(env: Env) -> None
         writer = asyncio.ensure_future(stalled.send(bytes(50_000_000)))
         await asyncio.sleep(0.2)
         assert not writer.done()  # blocked on credit...
-        assert stalled.bytes_sent <= env.server.window  # ...after one window
+        assert stalled.bytes_sent <= env.server.limits.window  # ...after one window
         for i in range(50):
             assert (await c.call(ECHO, EchoArgs("", 0, i), timeout=5)).n == i + 1
         other = await c.open_stream(SOURCE, StreamArgs(5_000_000, 18, MODE_NORMAL))
@@ -268,7 +268,7 @@ async def test_flow_control_stalled_reader_blocks_nothing_else(env: Env) -> None
 
 
 async def test_sixteen_streams_and_1000_calls(env: Env) -> None:
-    env.server.max_calls = 256
+    env.server.limits = env.server.limits.replace(max_calls=256)
     size = 1_000_000
     async with await virnet.connect(env.uri) as c:
 
@@ -456,7 +456,7 @@ async def test_peer_exceeding_window_fails_stream(env: Env) -> None:
 
 
 async def test_max_streams_per_client(env: Env) -> None:
-    env.server.max_streams = 2
+    env.server.limits = env.server.limits.replace(max_streams=2)
     async with await virnet.connect(env.uri) as c:
         s1 = await c.open_stream(SINK, StreamArgs(0, 27, MODE_NORMAL))
         s2 = await c.open_stream(SINK, StreamArgs(0, 28, MODE_NORMAL))

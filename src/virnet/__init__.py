@@ -33,6 +33,7 @@ from .errors import (
 from .errors import (
     XdrError as XdrError,
 )
+from .limits import Limits as Limits
 from .program import Event as Event
 from .program import Procedure as Procedure
 from .program import Program as Program
@@ -53,6 +54,7 @@ __all__ = [
     "ConnectionClosedError",
     "Event",
     "Hole",
+    "Limits",
     "Mode",
     "Procedure",
     "Program",

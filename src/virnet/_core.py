@@ -33,12 +33,12 @@ from .constants import (
     KEEPALIVE_PONG,
     KEEPALIVE_PROGRAM,
     KEEPALIVE_VERSION,
-    MAX_MESSAGE,
     STREAM_CHUNK,
     MessageStatus,
     MessageType,
 )
 from .errors import ProtocolError
+from .limits import DEFAULT_LIMITS, Limits
 
 Buffer = bytes | bytearray | memoryview
 _CREDIT = struct.Struct(">IIiII")  # protocol.Credit
@@ -119,24 +119,21 @@ class ConnectionCore:
         self,
         *,
         is_client: bool,
-        max_message: int = MAX_MESSAGE,
-        keepalive_interval: float = 5.0,
-        keepalive_count: int = 5,
-        window: int = 4 * 1024 * 1024,
-        rx_budget: int = 64 * 1024 * 1024,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.is_client = is_client
-        self.decoder = FrameDecoder(max_message)
+        self.limits = limits
+        self.decoder = FrameDecoder(limits.max_message)
         self.mode = Mode.UNKNOWN
         self.features = 0
         self.peer_window = 0
-        self.keepalive = Keepalive(keepalive_interval, keepalive_count)
+        self.keepalive = Keepalive(limits.keepalive_interval, limits.keepalive_count)
         #: Our per-stream receive window (native) or receive limit (legacy), in bytes.
-        self.window = window
-        self.legacy_rx_limit = window
+        self.window = limits.window
+        self.legacy_rx_limit = limits.window
         #: Connection-wide budget of received, unread stream data (native mode): past
         #: it, no stream is granted more credit until readers catch up.
-        self.rx_budget = rx_budget
+        self.rx_budget = limits.rx_budget
         self.rx_buffered = 0
         self.deferred_grants: list[Any] = []
         self._next_serial = 1

@@ -25,8 +25,9 @@ import sys
 from typing import cast
 
 from ._core import Buffer, ConnectionCore, KeepaliveAction
-from .constants import MAX_MESSAGE, STREAM_CHUNK
+from .constants import STREAM_CHUNK
 from .errors import ConnectionClosedError, ProtocolError
+from .limits import DEFAULT_LIMITS, Limits
 
 log = logging.getLogger("virnet")
 
@@ -80,21 +81,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self,
         *,
         is_client: bool,
-        max_message: int = MAX_MESSAGE,
-        keepalive_interval: float = 5.0,
-        keepalive_count: int = 5,
-        window: int = 4 * 1024 * 1024,
-        rx_budget: int = 64 * 1024 * 1024,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        ConnectionCore.__init__(
-            self,
-            is_client=is_client,
-            max_message=max_message,
-            keepalive_interval=keepalive_interval,
-            keepalive_count=keepalive_count,
-            window=window,
-            rx_budget=rx_budget,
-        )
+        ConnectionCore.__init__(self, is_client=is_client, limits=limits)
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"

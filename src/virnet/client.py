@@ -20,10 +20,10 @@ from .constants import (
     CONTROL_VERSION,
     FEATURE_FLOW_CONTROL,
     FEATURE_KEEPALIVE,
-    MAX_MESSAGE,
     MessageStatus,
 )
 from .errors import CallTimeoutError, ConnectionClosedError, ProtocolError, RPCError, XdrError
+from .limits import DEFAULT_LIMITS, Limits
 from .program import A, Event, Procedure, R, StreamDirection
 from .stream import Stream, StreamState
 
@@ -31,15 +31,13 @@ log = logging.getLogger("virnet")
 
 _ERROR = int(MessageStatus.ERROR)
 
-#: Default per-stream receive window offered in HELLO (bytes).
-DEFAULT_WINDOW = 4 * 1024 * 1024
 
 EventCallback = Callable[[Any], None]
 
 
 class ClientProtocol(RPCProtocol):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(is_client=True, **kwargs)
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        super().__init__(is_client=True, limits=limits)
         self.waiters: dict[int, asyncio.Future[tuple[int, Buffer]]] = {}
         self.subscribers: dict[tuple[int, int, int], list[Callable[[Message], None]]] = {}
         self.pong_waiters: list[asyncio.Future[None]] = []
@@ -340,29 +338,25 @@ async def connect(
     uri: str | None = None,
     *,
     hello: bool = True,
-    keepalive_interval: float = 5.0,
-    keepalive_count: int = 5,
-    max_message: int = MAX_MESSAGE,
-    window: int = DEFAULT_WINDOW,
-    rx_budget: int = 64 * 1024 * 1024,
+    limits: Limits = DEFAULT_LIMITS,
     timeout: float | None = 30.0,
+    **changes: float,
 ) -> Client:
     """Connect to ``uri`` (``unix:///path`` or ``tcp://host:port``; default: the local
     daemon's socket) and, unless ``hello=False``, negotiate virnet's extensions.
+    The connection keeps to ``limits`` (``virnet.Limits``) with ``changes`` applied
+    (``connect(uri, window=1 << 20)``); ``timeout`` bounds the connection and HELLO.
 
     A libvirt peer refuses HELLO with an error reply; the connection then stays in
     legacy mode, which follows libvirt's rules exactly.
     """
     address = parse_uri(uri or default_uri())
 
+    if changes:
+        limits = limits.replace(**changes)
+
     def factory() -> ClientProtocol:
-        return ClientProtocol(
-            max_message=max_message,
-            keepalive_interval=keepalive_interval,
-            keepalive_count=keepalive_count,
-            window=window,
-            rx_budget=rx_budget,
-        )
+        return ClientProtocol(limits=limits)
 
     try:
         async with asyncio.timeout(timeout):
@@ -375,7 +369,7 @@ async def connect(
     client = Client(proto, address)
     if hello:
         try:
-            await _negotiate(client, window, timeout)
+            await _negotiate(client, limits.window, timeout)
         except BaseException:
             await client.close()
             raise

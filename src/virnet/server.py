@@ -46,10 +46,10 @@ from .constants import (
     CONTROL_VERSION,
     FEATURE_FLOW_CONTROL,
     FEATURE_KEEPALIVE,
-    MAX_MESSAGE,
     MessageStatus,
 )
 from .errors import ErrorCode, ErrorDomain, RPCError, XdrError
+from .limits import DEFAULT_LIMITS, Limits
 from .program import Event, Procedure, Program, StreamDirection
 from .stream import Stream
 
@@ -61,10 +61,6 @@ _ERROR = int(MessageStatus.ERROR)
 Handler = Callable[["CallContext", Any], Awaitable[Any]]
 T = TypeVar("T")
 
-DEFAULT_WINDOW = 4 * 1024 * 1024
-#: Bytes of replies and events a client may leave unread before the server starts no
-#: more of its calls and stops reading from it, until it catches up.
-DEFAULT_MAX_CLIENT_OUTPUT = 4 * 1024 * 1024
 #: Worker threads for jobs that read whole files (checksums), apart from the quick ones.
 LONG_WORKERS = 2
 #: Seconds a stream handler may run on after its client vanished before it is cancelled.
@@ -114,9 +110,9 @@ class CallContext:
         if self.stream is not None:
             raise RuntimeError("the stream was already accepted")
         conn = self.connection
-        if len(conn.open_streams) >= conn.server.max_streams:
+        if len(conn.open_streams) >= conn.server.limits.max_streams:
             raise RPCError(
-                f"too many streams on this connection (max {conn.server.max_streams})",
+                f"too many streams on this connection (max {conn.server.limits.max_streams})",
                 code=ErrorCode.OPERATION_FAILED,
                 domain=ErrorDomain.STREAMS,
             )
@@ -162,14 +158,7 @@ class ServerConnection(RPCProtocol):
     """One client's connection to a ``Server``."""
 
     def __init__(self, server: Server, readonly: bool) -> None:
-        super().__init__(
-            is_client=False,
-            max_message=server.max_message,
-            keepalive_interval=server.keepalive_interval,
-            keepalive_count=server.keepalive_count,
-            window=server.window,
-            rx_budget=server.rx_budget,
-        )
+        super().__init__(is_client=False, limits=server.limits)
         self.server = server
         self.readonly = readonly
         # Calls run on a pool of worker tasks (at most max_calls), reused from call to
@@ -196,7 +185,7 @@ class ServerConnection(RPCProtocol):
             log.warning(
                 "refusing connection from %s: max_clients (%d) reached",
                 self.peer,
-                self.server.max_clients,
+                self.server.limits.max_clients,
             )
             self.abort_connection(RPCError("too many clients"))
             return
@@ -222,7 +211,7 @@ class ServerConnection(RPCProtocol):
         self.waiting.append(msg)
         self._ensure_worker()
         self.defer_flush()  # let the woken worker run (and reply) before more bulk data
-        if len(self.waiting) >= self.server.max_queued_calls:
+        if len(self.waiting) >= self.server.limits.max_queued_calls:
             # Even the queue is long: stop reading until it drains (bounded memory).
             self.hold_reading("call queue", True)
 
@@ -234,7 +223,7 @@ class ServerConnection(RPCProtocol):
         if self.idle:
             self.wakeups += 1
             self.idle.pop().set_result(None)
-        elif len(self.workers) < self.server.max_calls:
+        elif len(self.workers) < self.server.limits.max_calls:
             self.wakeups += 1
             task = self.loop.create_task(self._worker())
             self.workers.add(task)
@@ -243,7 +232,7 @@ class ServerConnection(RPCProtocol):
     async def _worker(self) -> None:
         task = asyncio.current_task()
         waiting = self.waiting
-        max_queued = self.server.max_queued_calls
+        max_queued = self.server.limits.max_queued_calls
         while True:
             self.wakeups -= 1
             while waiting:
@@ -286,7 +275,7 @@ class ServerConnection(RPCProtocol):
         return transport.get_write_buffer_size() if transport is not None else 0
 
     def on_written(self) -> None:
-        if self._drained is None and self.output_backlog() > self.server.max_client_output:
+        if self._drained is None and self.output_backlog() > self.server.limits.max_client_output:
             self._pause_for_output()
 
     def _pause_for_output(self) -> None:
@@ -444,7 +433,7 @@ class ServerConnection(RPCProtocol):
         self.features = hello.features & offered
         self.peer_window = hello.window
         self.mode = Mode.NATIVE
-        payload = xdr.encode(protocol.Hello, protocol.Hello(self.features, self.server.window))
+        payload = xdr.encode(protocol.Hello, protocol.Hello(self.features, self.window))
         self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
         if self.features & FEATURE_KEEPALIVE:
             self.start_keepalive()
@@ -467,35 +456,19 @@ class Server:
     def __init__(
         self,
         *,
-        max_message: int = MAX_MESSAGE,
-        max_clients: int = 1024,
-        max_calls: int = 256,
-        max_queued_calls: int = 1024,
-        max_streams: int = 64,
-        keepalive_interval: float = 5.0,
-        keepalive_count: int = 5,
-        window: int = DEFAULT_WINDOW,
-        rx_budget: int = 64 * 1024 * 1024,
-        max_client_output: int = DEFAULT_MAX_CLIENT_OUTPUT,
+        limits: Limits = DEFAULT_LIMITS,
         blocking_workers: int = BLOCKING_WORKERS,
         long_workers: int = LONG_WORKERS,
+        **changes: float,
     ) -> None:
-        if max_client_output < 1:
-            raise ValueError("max_client_output must be positive")
-        self.max_message = max_message
-        self.max_client_output = max_client_output
+        """``limits`` (``virnet.Limits``), with ``changes`` applied on top
+        (``Server(max_calls=8)``); ``blocking_workers`` and ``long_workers`` threads for
+        blocking work (``run_blocking``)."""
+        self.limits = limits.replace(**changes) if changes else limits
         self.blocking_workers = blocking_workers
         self.long_workers = long_workers
         self._pools: dict[bool, BlockingPool] = {}  # long? -> pool, made on first use
         self._paused_owners: set[Hashable] = set()
-        self.max_clients = max_clients
-        self.max_calls = max_calls
-        self.max_queued_calls = max_queued_calls
-        self.max_streams = max_streams
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_count = keepalive_count
-        self.window = window
-        self.rx_budget = rx_budget
         self.programs: dict[tuple[int, int], Program] = {}
         self.handlers: dict[tuple[int, int, int], _Registration] = {}
         self.connections: set[ServerConnection] = set()
@@ -608,7 +581,7 @@ class Server:
         return seen
 
     def _admit(self, conn: ServerConnection) -> bool:
-        if self._closing or len(self.connections) >= self.max_clients:
+        if self._closing or len(self.connections) >= self.limits.max_clients:
             return False
         self.connections.add(conn)
         return True

@@ -30,16 +30,7 @@ class Daemon:
         self.config = config.finish(default_listen=not self.inherited)
         # The root as FILES sees it: without the migration staging directory.
         self.root = HiddenRoot(self.config.root, self.config.staging_dir)
-        self.server = Server(
-            max_message=config.max_message,
-            max_clients=config.max_clients,
-            max_calls=config.max_calls,
-            max_streams=config.max_streams,
-            keepalive_interval=config.keepalive_interval,
-            keepalive_count=config.keepalive_count,
-            window=config.window,
-            max_client_output=config.max_client_output,
-        )
+        self.server = Server(limits=self.config.limits())
         self.files = HidingFilesService(self.root)
         self.files.register(self.server)
         self.transfers = TransferService(self.root)

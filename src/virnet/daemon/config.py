@@ -10,10 +10,12 @@ Example ``virnetd.toml``::
     max_clients = 1024
     max_streams = 64
     max_calls = 256
+    max_queued_calls = 1024
+    max_client_output = 4194304       # unread reply bytes per client before it is paused
+    rx_budget = 67108864
     keepalive_interval = 5
     keepalive_count = 5
     window = 4194304
-    max_client_output = 4194304     # unread reply bytes per client before it is paused
     # migrations: where this daemon may send images ("unix" = any Unix socket,
     # "loopback" = 127.0.0.0/8 and ::1, else IP addresses or networks), where incoming
     # ones are staged (a directory of that name in the root, hidden from FILES) and for
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .._uri import default_socket_path
+from ..limits import DEFAULT_LIMITS, Limits
 
 
 @dataclass
@@ -48,14 +51,17 @@ class DaemonConfig:
     consoles: dict[str, str] = field(default_factory=dict)
     console_history: int = 64 * 1024
     log_level: str = "info"
-    max_message: int = 32 * 1024 * 1024
-    max_clients: int = 1024
-    max_streams: int = 64
-    max_calls: int = 256
-    keepalive_interval: float = 5.0
-    keepalive_count: int = 5
-    window: int = 4 * 1024 * 1024
-    max_client_output: int = 4 * 1024 * 1024
+    # Limits (``virnet.Limits``; each key of it is a key here).
+    max_message: int = DEFAULT_LIMITS.max_message
+    max_clients: int = DEFAULT_LIMITS.max_clients
+    max_streams: int = DEFAULT_LIMITS.max_streams
+    max_calls: int = DEFAULT_LIMITS.max_calls
+    max_queued_calls: int = DEFAULT_LIMITS.max_queued_calls
+    max_client_output: int = DEFAULT_LIMITS.max_client_output
+    keepalive_interval: float = DEFAULT_LIMITS.keepalive_interval
+    keepalive_count: int = DEFAULT_LIMITS.keepalive_count
+    window: int = DEFAULT_LIMITS.window
+    rx_budget: int = DEFAULT_LIMITS.rx_budget
     migration_destinations: list[str] = field(default_factory=lambda: ["unix", "loopback"])
     migration_connect_timeout: float = 30.0
     staging_dir: str = ".virnet-staging"
@@ -69,6 +75,10 @@ class DaemonConfig:
         if not self.root:
             self.root = os.environ.get("VIRNET_ROOT") or "./virnet-data"
         return self
+
+    def limits(self) -> Limits:
+        """The limits this configuration sets (``ValueError`` for a bad value)."""
+        return Limits(**{name: getattr(self, name) for name in Limits.names()})
 
     @classmethod
     def from_file(cls, path: str) -> DaemonConfig:
@@ -90,6 +100,10 @@ class DaemonConfig:
                     f"{path}: {key} must be {type(default).__name__}, not {type(value).__name__}"
                 )
             setattr(cfg, key, value)
+        try:
+            cfg.limits()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
         for name, spec in cfg.consoles.items():
             if not isinstance(spec, str):
                 raise ValueError(
