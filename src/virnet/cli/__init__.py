@@ -79,7 +79,7 @@ async def _with_client(args: argparse.Namespace, func: Command) -> int:
     uri, is_default = _resolve_uri(args)
     try:
         client = await connect(uri, timeout=args.timeout)
-    except (VirnetError, OSError) as exc:
+    except (VirnetError, OSError, ValueError) as exc:
         raise CommandError(connect_error(exc, uri, args.timeout, is_default)) from None
     async with client:
         return await func(client, args)

@@ -97,4 +97,5 @@ def connect_error(exc: BaseException, uri: str, timeout: float, default: bool) -
     if isinstance(exc, ConnectionClosedError):
         return (f"connect {uri}: the peer closed the connection during the handshake "
                 "(not a virnet/libvirt peer, or one refusing clients)")
-    return f"connect {uri}: {reason(exc)}"
+    # A bad URI: parse_uri's reason starts with the URI itself.
+    return f"connect {uri}: {reason(exc).removeprefix(f'{uri!r}: ')}"

@@ -47,8 +47,8 @@ async def cmd_ping(client: Client, args: argparse.Namespace) -> int:
                    "rtt_ms": [round(r, 3) for r in rtts], "min_ms": round(min(rtts), 3),
                    "avg_ms": round(avg, 3), "max_ms": round(max(rtts), 3),
                    "mdev_ms": round(mdev, 3)})
-    elif not args.quiet:
-        # ping(8)'s closing lines.
+    elif not args.quiet and len(rtts) > 1:
+        # ping(8)'s closing lines (one ping is one line: nothing to sum up).
         print(f"--- {client.address} ping statistics ---")
         print(f"{len(rtts)} pings, rtt min/avg/max/mdev = {min(rtts):.3f}/{avg:.3f}/"
               f"{max(rtts):.3f}/{mdev:.3f} ms")
