@@ -69,7 +69,9 @@ async def cmd_ls(client: Client, args: argparse.Namespace) -> int:
             if exc.int1 != errno.ENOTDIR:
                 raise
             st = await _stat(client, wire, args.timeout)  # like ls FILE: that file
-            rows: list[tuple[str, int, int, int | None]] = [(args.path, st.kind, st.size, st.mtime_ns)]
+            rows: list[tuple[str, int, int, int | None]] = [
+                (args.path, st.kind, st.size, st.mtime_ns)
+            ]
         else:
             names = [e.name for e in reply.entries]
             times = await _entry_times(client, wire, names, args.timeout)
