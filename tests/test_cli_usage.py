@@ -203,6 +203,40 @@ def test_local_errors_name_the_operation_and_path(
         assert "[Errno" not in line and ".part" not in line, line
 
 
+def test_a_write_error_mid_download_names_the_path(
+    daemon: VirnetDaemon, area: Path, local: Path
+) -> None:
+    """A local write failing part way (here EFBIG from a file size limit, the way
+    ENOSPC fails): the path as given, the reason, no temporary file left."""
+    import resource
+
+    (area / "big").write_bytes(os.urandom(4 << 20))
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    res = subprocess.run(
+        [_executable("virnet"), "-c", daemon.uri, "download", f"{area.name}/big",
+         str(local / "out")], capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        env=_env(), preexec_fn=limit, check=False,
+    )
+    assert res.returncode == 1, _describe(res)
+    assert res.stderr == (f"virnet: error: download {area.name}/big: {local}/out: "
+                          "File too large\n"), _describe(res)
+    assert os.listdir(local) == []
+
+
+def test_system_errors_never_show_errno() -> None:
+    import errno
+
+    from virnet.cli._errors import CommandError, failing
+
+    with pytest.raises(CommandError) as info, failing("download x"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/mnt/full/x")
+    assert str(info.value) == "download x: /mnt/full/x: No space left on device"
+
+
 def test_default_socket_hint(base: Path) -> None:
     res = run_virnet("ping", env={"XDG_RUNTIME_DIR": str(base / "no-runtime")})
     assert res.returncode == 1, _describe(res)

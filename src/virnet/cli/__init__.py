@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         local = _local_command(args, parser)
         if local is not None:
             return local
-        return _loop.run(_with_client(args, _command(args.func)))
+        status = _loop.run(_with_client(args, _command(args.func)))
+        sys.stdout.flush()  # here, where a closed pipe is still ours to report
+        return status
     except Interrupted as exc:
         _error(str(exc))
         return EXIT_INTERRUPTED

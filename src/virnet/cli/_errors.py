@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 from collections.abc import Iterator
 
 from ..errors import (
@@ -49,7 +50,9 @@ def reason(exc: BaseException, wire: str | None = None) -> str:
                 return text[len(quoted) + 1:]
         return text
     if isinstance(exc, CallTimeoutError):
-        return "no reply in time (the daemon is busy or stuck; --timeout sets the wait)"
+        m = re.search(r"within ([\d.]+) s", str(exc))
+        within = f" within {float(m.group(1)):g} s" if m else ""
+        return f"no reply{within} (the daemon is busy or stuck; --timeout sets the wait)"
     if isinstance(exc, OSError) and not isinstance(exc, VirnetError):
         text = exc.strerror or str(exc)
         return f"{exc.filename}: {text}" if exc.filename else text
