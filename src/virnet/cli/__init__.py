@@ -32,6 +32,7 @@ from ._errors import (
     PipeClosed,
     connect_error,
     is_broken_pipe,
+    reason,
 )
 
 __all__ = ["build_parser", "main", "parse_rate", "parse_size"]
@@ -158,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     except PipeClosed:
         _quiet_stdout()
         return EXIT_PIPE
-    except OSError as exc:
+    except (VirnetError, OSError, ValueError) as exc:
         if is_broken_pipe(exc):
             _quiet_stdout()
             return EXIT_PIPE
-        _error(str(exc))
+        # What a command did not put in its own words (the console's messages name
+        # the console already).
+        _error(reason(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
         _error("interrupted")
