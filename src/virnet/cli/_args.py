@@ -89,7 +89,12 @@ def _add_globals(p: argparse.ArgumentParser, *, top: bool, docs: bool) -> None:
     def default(value: Any) -> Any:
         return value if top else argparse.SUPPRESS
 
-    socket = "$XDG_RUNTIME_DIR/virnet/virnetd.sock" if docs else default_socket_path()
+    # The rule, not this machine's answer, in generated files.
+    socket = (
+        "$VIRNET_SOCKET (else $XDG_RUNTIME_DIR/virnet/virnetd.sock; as root "
+        "/run/virnet/virnetd.sock, else /tmp/virnet-UID/virnetd.sock)"
+        if docs else default_socket_path()
+    )
     g = p.add_argument_group("global options (before or after the command)")
     g.add_argument(
         "-c", "--connect", metavar="URI", default=default(None),

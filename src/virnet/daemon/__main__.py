@@ -19,7 +19,12 @@ def build_parser(docs: bool = False) -> argparse.ArgumentParser:
     from .. import __version__, compiled
     from .._uri import default_socket_path
 
-    socket = "$XDG_RUNTIME_DIR/virnet/virnetd.sock" if docs else default_socket_path()
+    # The rule, not this machine's answer, in generated files.
+    socket = (
+        "$VIRNET_SOCKET (else $XDG_RUNTIME_DIR/virnet/virnetd.sock; as root "
+        "/run/virnet/virnetd.sock, else /tmp/virnet-UID/virnetd.sock)"
+        if docs else default_socket_path()
+    )
     core = "compiled" if compiled else "pure Python"
     p = argparse.ArgumentParser(
         prog="virnetd", description="Serve files, consoles and migrations over virnet.",
