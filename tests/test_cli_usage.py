@@ -372,6 +372,7 @@ def test_bad_config_is_one_line(base: Path, text: str, needle: str) -> None:
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"virnet: error: config {path}: "), lines
     assert needle in lines[0], lines
+    assert run_virnet("help", "ls", env=env).returncode == 0  # help needs no config
 
 
 # ---------------------------------------------------------------------------- generated

@@ -137,16 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
     try:
-        args.config = load_config()
-    except ConfigError as exc:
-        _error(f"config {exc}")
-        return EXIT_USAGE
-    if args.timeout is None:
-        args.timeout = args.config.timeout or DEFAULT_TIMEOUT
-    try:
         local = _local_command(args, parser)
         if local is not None:
             return local
+        # Only now: help and completion work whatever the config file says.
+        try:
+            args.config = load_config()
+        except ConfigError as exc:
+            _error(f"config {exc}")
+            return EXIT_USAGE
+        if args.timeout is None:
+            args.timeout = args.config.timeout or DEFAULT_TIMEOUT
         status = _loop.run(_with_client(args, _command(args.func)))
         sys.stdout.flush()  # here, where a closed pipe is still ours to report
         return status
