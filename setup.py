@@ -1,7 +1,8 @@
 """Build the Cython wire core unless VIRNET_NO_EXTENSIONS is set.
 
 Everything else about the package lives in pyproject.toml; this file only lists the
-extension modules and the switches that shape their build:
+extension modules, the switches that shape their build, and the man pages and completion
+scripts installed under ``<prefix>/share``:
 
 - ``VIRNET_NO_EXTENSIONS=1``: build nothing; the pure-Python core is used at import time.
 - ``VIRNET_DEBUG=1``: annotate, line tracing, and ``VIRNET_DEBUG`` defined for the C code.
@@ -44,4 +45,14 @@ def extensions() -> list:
     )
 
 
-setup(ext_modules=extensions())
+# Generated from the parsers by `python -m virnet.cli._gen` (a test checks they are
+# current); installed under <prefix>/share where man(1) and the shells look.
+DATA_FILES = [
+    ("share/man/man1", ["share/man/man1/virnet.1", "share/man/man1/virnetd.1"]),
+    ("share/bash-completion/completions",
+     ["share/bash-completion/completions/virnet", "share/bash-completion/completions/virnetd"]),
+    ("share/zsh/site-functions",
+     ["share/zsh/site-functions/_virnet", "share/zsh/site-functions/_virnetd"]),
+]
+
+setup(ext_modules=extensions(), data_files=DATA_FILES)

@@ -76,7 +76,7 @@ def test_migrate_prints_one_result_line(two: Two) -> None:
     assert res.stderr == ""
     assert re.fullmatch(
         rf"migrated img to {re.escape(two.uri(two.b))}: 8\.0 MiB in \d+\.\d\d s "
-        r"\(\d+\.\d MB/s\)\n", res.stdout), res.stdout
+        r"\(\d+(\.\d)? (B|KiB|MiB|GiB)/s\)\n", res.stdout), res.stdout
     assert file_sha(os.path.join(two.root(two.b), "img")) == digest
     res = run(two, "-q", "migrate", "img", two.uri(two.b))
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
@@ -96,7 +96,7 @@ def test_migrate_errors_are_one_line(two: Two) -> None:
     res = run(two, "migrate", "missing", two.uri(two.b))
     assert res.returncode == 1
     assert res.stdout == ""
-    assert res.stderr == "virnet: error: cannot open 'missing': No such file or directory\n"
+    assert res.stderr == "virnet: error: migrate missing: No such file or directory\n"
     make_image(os.path.join(two.root(two.a), "img"), MiB)
     res = run(two, "migrate", "img", f"unix://{two.tmp}/none.sock")
     assert res.returncode == 1
@@ -177,7 +177,8 @@ def test_resume_and_move_after_an_interruption(two: Two) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 1
-    assert err.startswith("virnet: error: migration of 'img' to ") and "connection" in err
+    assert err.startswith("virnet: error: migrate img: migration of 'img' to "), err
+    assert "connection" in err
     two.b = two.start("b")
     start = time.monotonic()
     res = run(two, "migrate", "img", two.uri(two.b), "--resume", "--move", "--bandwidth", "8M")

@@ -39,6 +39,7 @@ import sys
 import tempfile
 
 from ._fileio import BatchWriter, SequentialWriter
+from ._units import format_size as format_size  # the one format of sizes in messages
 from .errors import VirnetError
 
 # fsync on a descriptor whose kind of file cannot be synced: nothing to do there.
@@ -68,15 +69,6 @@ def local_error(path: str, exc: OSError, what: str = "") -> LocalFileError:
     """``exc`` (a failed system call) as a ``LocalFileError`` about ``path``."""
     reason = exc.strerror or str(exc)
     return LocalFileError(path, f"{what}: {reason}" if what else reason, exc.errno or 0)
-
-
-def format_size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def kind_name(mode: int) -> str:

@@ -15,10 +15,12 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from ._units import format_rate as _format_rate
+
 
 def format_rate(bytes_per_second: float) -> str:
     """The rate as the bar and the summary line both print it."""
-    return f"{bytes_per_second / 1e6:.1f} MB/s"
+    return _format_rate(bytes_per_second)
 
 
 class RateColumn(ProgressColumn):

@@ -48,6 +48,7 @@ async def upload(
     sync: bool = True,
     on_size: Callable[[int], None] | None = None,
     on_commit: Callable[[], None] | None = None,
+    timeout: float | None = None,
 ) -> int:
     """Upload ``local`` (``-`` for stdin) to ``remote``; returns the bytes covered.
 
@@ -57,7 +58,8 @@ async def upload(
     the stream is aborted, never finished).  ``on_size(n)`` is called once with the
     bytes that will be sent when that is known beforehand (not for a source read
     until EOF); ``on_commit()`` when all data is sent and the daemon commits it.
-    ``sync=False`` lets the daemon skip its fsyncs (``TransferFlags.NO_SYNC``)."""
+    ``sync=False`` lets the daemon skip its fsyncs (``TransferFlags.NO_SYNC``).
+    ``timeout`` bounds the wait for the daemon's reply to the opening call."""
     flags = (
         (f.TransferFlags.SPARSE if sparse else 0)
         | (f.TransferFlags.EXCLUSIVE if exclusive else 0)
@@ -77,7 +79,7 @@ async def upload(
             total = length or None
         if on_size is not None and total is not None:
             on_size(total)
-        stream = await client.open_stream(f.UPLOAD, args, sparse=sparse)
+        stream = await client.open_stream(f.UPLOAD, args, sparse=sparse, timeout=timeout)
         try:
             try:
                 if src.size is not None:
@@ -147,17 +149,19 @@ async def download(
     on_size: Callable[[int], None] | None = None,
     sync: bool = True,
     on_commit: Callable[[], None] | None = None,
+    timeout: float | None = None,
 ) -> int:
     """Download ``remote`` into ``local`` (``-`` for stdout); returns the bytes covered.
 
     With ``sparse``, holes are recreated in a local file instead of written (in place
     targets get zeros).  ``on_size(n)`` is called with the size the daemon announces,
     ``on_commit()`` when all data arrived and the transfer is being committed (the
-    finish handshake, the local fsync and rename).  ``sync=False`` skips the fsyncs."""
+    finish handshake, the local fsync and rename).  ``sync=False`` skips the fsyncs;
+    ``timeout`` bounds the wait for the daemon's reply to the opening call."""
     args = f.TransferArgs(remote, offset, length, int(f.TransferFlags.SPARSE if sparse else 0))
     target = await _localfile.open_target(local, remote)
     try:
-        stream = await client.open_stream(f.DOWNLOAD, args, sparse=sparse)
+        stream = await client.open_stream(f.DOWNLOAD, args, sparse=sparse, timeout=timeout)
         try:
             size = stream.reply.size
             target.check_size(size)  # before the first byte is written

@@ -13,14 +13,32 @@ from .config import DaemonConfig
 from .console import ConsoleError, parse_option
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="virnetd", description="Serve files, consoles and migrations over virnet."
+def build_parser(docs: bool = False) -> argparse.ArgumentParser:
+    """virnetd's options; ``docs=True`` for the man page and completion scripts (no
+    machine-dependent defaults in the text)."""
+    from .. import __version__, compiled
+    from .._uri import default_socket_path
+
+    # The rule, not this machine's answer, in generated files.
+    socket = (
+        "$VIRNET_SOCKET (else $XDG_RUNTIME_DIR/virnet/virnetd.sock; as root "
+        "/run/virnet/virnetd.sock, else /tmp/virnet-UID/virnetd.sock)"
+        if docs else default_socket_path()
     )
+    core = "compiled" if compiled else "pure Python"
+    p = argparse.ArgumentParser(
+        prog="virnetd", description="Serve files, consoles and migrations over virnet.",
+        epilog="Sizes take K, M, G suffixes, binary: 1K = 1KiB = 1KB = 1024 bytes.",
+    )
+    p.add_argument("-V", "--version", action="version",
+                   version=f"virnetd {__version__}" if docs
+                   else f"virnetd {__version__} (wire core: {core})")
     p.add_argument("--listen", action="append", default=None, metavar="URI",
-                   help="listen on URI (unix:///path or tcp://host:port); repeatable")
+                   help="listen on URI (unix:///path or tcp://host:port); repeatable "
+                   f"(default: the configuration file's, else unix://{socket})")
     p.add_argument("--listen-readonly", action="append", default=None, metavar="URI",
-                   help="listen on URI allowing only read-only operations; repeatable")
+                   help="listen on URI allowing only read-only operations; repeatable "
+                   "(default: none)")
     p.add_argument("--root", metavar="DIR",
                    help="data root (default $VIRNET_ROOT or ./virnet-data)")
     p.add_argument("--console", action="append", default=[], metavar="NAME=COMMAND",
@@ -28,26 +46,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(started with the daemon, restarted at the next attach after it exits; "
                    "split like a shell would, no shell unless COMMAND names one), "
                    "NAME=unix:/PATH relays a Unix socket; repeatable")
-    p.add_argument("--console-history", type=_size, default=None, metavar="BYTES",
+    p.add_argument("--console-history", type=_size, default=None, metavar="SIZE",
                    help="output each console keeps for replay when a client attaches "
-                   "(default 64K; suffixes K, M)")
-    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+                   "(default 64K; K, M, G suffixes)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file (default: none)")
     p.add_argument("--log-level", default=None,
                    choices=["debug", "info", "warning", "error"], help="default: info")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _size(text: str) -> int:
-    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in units else ""
+    from .._units import UnitError, parse_size
+
     try:
-        value = int(t[: len(t) - len(unit)] if unit else t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value * units[unit]
+        return parse_size(text)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 #: glibc's mallopt parameters.
