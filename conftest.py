@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import sys
 from types import ModuleType
@@ -53,9 +52,6 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 @pytest.fixture(params=["pure", "compiled"])
 def wire(request: pytest.FixtureRequest) -> ModuleType:
     """The wire core module under test (``virnet._wire_py`` or ``virnet._wire``)."""
-    if request.param == "pure":
-        return importlib.import_module("virnet._wire_py")
-    if NO_EXTENSIONS:
-        pytest.skip("VIRNET_NO_EXTENSIONS is set: compiled core not tested")
-    # No fallback: if the extension is missing this raises and the test fails.
-    return importlib.import_module("virnet._wire")
+    import _cores
+
+    return _cores.pure() if request.param == "pure" else _cores.compiled()

@@ -12,7 +12,6 @@ import array
 import enum
 import inspect
 import math
-import os
 import random
 import struct
 from collections.abc import Callable, Iterator
@@ -20,21 +19,11 @@ from typing import Any
 
 import pytest
 
+import _cores
 from virnet import _wire_py as py_wire
 from virnet.errors import ProtocolError, XdrError
 
-try:
-    from virnet import _wire as c_wire
-except ImportError as exc:  # pragma: no cover - depends on the build
-    if os.environ.get("VIRNET_NO_EXTENSIONS"):
-        pytest.skip(
-            f"VIRNET_NO_EXTENSIONS is set and virnet._wire is not built ({exc})",
-            allow_module_level=True,
-        )
-    raise ImportError(
-        f"the compiled core virnet._wire is missing ({exc}): build it with "
-        "`pip install -e .`, or set VIRNET_NO_EXTENSIONS=1 for a pure-Python run"
-    ) from exc
+c_wire = _cores.compiled(module_level=True)
 
 MODULES = [pytest.param(py_wire, id="pure"), pytest.param(c_wire, id="compiled")]
 
