@@ -995,10 +995,10 @@ def test_transfers_print_nothing_when_asked(
         assert res.returncode == 0, _describe(res)
         assert (res.stdout, res.stderr) == ("", ""), _describe(res)
     assert (local / "back").read_bytes() == data
-    res = run_virnet_bytes(*top, "download", f"{d}/f", "-", *sub, uri=daemon.uri)
-    assert res.returncode == 0, _describe_bytes(res)
-    assert res.stderr == b"", _describe_bytes(res)
-    assert res.stdout == data
+    raw = run_virnet_bytes(*top, "download", f"{d}/f", "-", *sub, uri=daemon.uri)
+    assert raw.returncode == 0, _describe_bytes(raw)
+    assert raw.stderr == b"", _describe_bytes(raw)
+    assert raw.stdout == data
 
 
 def test_progress_is_forced_without_a_terminal(

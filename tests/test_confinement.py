@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -300,7 +301,7 @@ async def test_swapping_a_directory_for_a_symlink_never_escapes(
         with swapper:
             await asyncio.gather(
                 *(
-                    run_for(seconds, tally, name, lambda op=op, c=c: op(c))
+                    run_for(seconds, tally, name, functools.partial(op, c))
                     for (name, op), c in zip(ops.items(), clients, strict=True)
                 )
             )

@@ -195,7 +195,7 @@ def restored(term: Tmux, before: int = 1) -> str:
     in cooked mode with echo; returns the exit status line's value."""
     term.type("echo rc=$?")
     screen = term.wait(r"rc=\d+", count=before)
-    rc = re.findall(r"rc=(\d+)", screen)[-1]
+    rc: str = re.findall(r"rc=(\d+)", screen)[-1]
     term.type("stty -a; echo stty-done")
     screen = term.wait(r"\nstty-done", count=before)
     flags = screen.rsplit("stty -a; echo stty-done", 1)[1]

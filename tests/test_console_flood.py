@@ -109,6 +109,7 @@ async def test_flood_bounded_memory_and_prompt_calls(flood: tuple[str, int]) -> 
         async def drain() -> None:
             nonlocal got
             async for chunk in stream:
+                assert not isinstance(chunk, virnet.Hole)  # a console is never sparse
                 got += len(chunk)
 
         reader = asyncio.create_task(drain())

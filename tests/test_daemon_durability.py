@@ -14,7 +14,7 @@ import pytest
 import virnet
 from _rpcutil import remove_tree, short_tmpdir, sock_uri
 from virnet import _fileio, _syscalls
-from virnet.daemon import paths, transfer
+from virnet.daemon import transfer
 from virnet.daemon.app import Daemon
 from virnet.daemon.config import DaemonConfig
 from virnet.services import files as f
@@ -56,10 +56,9 @@ class FsyncLog:
             self.events.append("rename")
             real_replace(*args, **kwargs)
 
-        # The daemon's modules call these through ``os``: wrap them there only.
-        monkeypatch.setattr(transfer.os, "fsync", fsync)
-        monkeypatch.setattr(paths.os, "fsync", fsync)
-        monkeypatch.setattr(paths.os, "replace", replace)
+        # The daemon calls these through ``os``; the wrappers only record and pass on.
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
 
 
 async def _upload(uri: str, path: str, data: bytes, offset: int = 0, length: int = 0,
@@ -117,7 +116,7 @@ async def test_in_place_sparse_upload_punches_holes(
     with open(target, "wb") as fh:
         fh.write(os.urandom(8 * MiB))
     punched: list[tuple[int, int]] = []
-    real_punch = transfer.punch_hole
+    real_punch = _syscalls.punch_hole
 
     def punch(fd: int, offset: int, length: int) -> bool:
         punched.append((offset, length))
@@ -134,8 +133,8 @@ async def test_in_place_sparse_upload_punches_holes(
         await st.send(b"T" * MiB)
         await st.finish()
     assert punched == [(MiB, 6 * MiB)]
-    with open(target, "rb") as fh:
-        data = fh.read()
+    with open(target, "rb") as back:
+        data = back.read()
     assert data == b"H" * MiB + bytes(6 * MiB) + b"T" * MiB
     after = os.stat(target).st_blocks * 512
     if not _syscalls.punch_hole(os.open(target, os.O_RDONLY), 0, 0):  # pragma: no cover
@@ -164,9 +163,8 @@ async def test_idle_upload_streams_hold_no_write_buffers(
     """An open upload that has not sent a byte yet costs no batch buffers."""
     _d, uri = daemon
     writers: list[_fileio.BatchWriter] = []
-    real = transfer.BatchWriter
 
-    class Recording(real):  # type: ignore[misc,valid-type]
+    class Recording(_fileio.BatchWriter):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             writers.append(self)

@@ -79,7 +79,7 @@ def _no_threads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         calls.append(fn)
         return fn(*args, **kwargs)
 
-    monkeypatch.setattr(_fileio.asyncio, "to_thread", to_thread)
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
     return calls
 
 

@@ -14,6 +14,7 @@ import os
 import stat
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -162,7 +163,7 @@ async def download(
 
 
 async def assert_call_error(
-    c: virnet.Client, proc: virnet.Procedure, args: f.TransferArgs, *needles: str
+    c: virnet.Client, proc: virnet.Procedure[Any, Any], args: f.TransferArgs, *needles: str
 ) -> RPCError:
     """The call fails with a plain error reply: no stream is left on the client."""
     with pytest.raises(RPCError) as info:

@@ -11,6 +11,7 @@ import asyncio
 import os
 import tempfile
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -375,7 +376,7 @@ async def test_readonly_listener_refuses_every_migration_procedure(
     _, ub = await daemons.start("b")
     make_image(os.path.join(a.root.path, "img"), MiB)
     ro = f"unix://{daemons.tmp}/a-ro.sock"
-    calls = [
+    calls: list[tuple[virnet.Procedure[Any, Any], Any]] = [
         (m.PERFORM, m.PerformArgs("img", ub, 0, 0)),
         (m.ABORT, m.NameArgs("img")),
         (m.IDENTIFY, m.IdentifyArgs("img", 1, bytes(32), bytes(32))),
@@ -483,18 +484,19 @@ async def test_staging_is_invisible_to_files(daemons: Daemons) -> None:
             names = [e.name for e in (await c.call(f.LIST, f.PathArgs(path))).entries]
             assert STAGING not in names, path
         for path in (STAGING, f"{STAGING}/x.data", f"./{STAGING}/x.data"):
-            for proc, args in (
+            checks: tuple[tuple[virnet.Procedure[Any, Any], Any], ...] = (
                 (f.STAT, f.PathArgs(path)),
                 (f.LIST, f.PathArgs(path)),
                 (f.DELETE, f.PathArgs(path)),
                 (f.MKDIR, f.PathArgs(path)),
                 (f.CHECKSUM, f.ChecksumArgs(path, "sha256")),
-            ):
+            )
+            for proc, args in checks:
                 with pytest.raises(RPCError, match="reserved"):
                     await c.call(proc, args)
-            for proc in (f.UPLOAD, f.DOWNLOAD):
+            for streaming in (f.UPLOAD, f.DOWNLOAD):
                 with pytest.raises(RPCError, match="reserved"):
-                    await c.open_stream(proc, f.TransferArgs(path, 0, 0, 0))
+                    await c.open_stream(streaming, f.TransferArgs(path, 0, 0, 0))
     assert os.path.exists(os.path.join(staging, "x.data"))
 
 

@@ -431,8 +431,7 @@ async def test_server_keepalive_timeout(caplog: pytest.LogCaptureFixture) -> Non
 
 
 async def test_keepalive_keeps_a_live_connection(env: Env) -> None:
-    env.server.keepalive_interval = 0.05
-    env.server.keepalive_count = 2
+    env.server.limits = env.server.limits.replace(keepalive_interval=0.05, keepalive_count=2)
     async with await virnet.connect(env.uri, keepalive_interval=0.05, keepalive_count=2) as c:
         await asyncio.sleep(0.6)  # many intervals of silence: PING/PONG keeps both alive
         assert (await c.call(ECHO, EchoArgs("", 0, 0))).n == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import enum
+import functools
 import inspect
 import math
 import random
@@ -87,11 +88,11 @@ def content(msgs: list[Any]) -> list[Any]:
 
 
 def stream_wire(mod: Any, data: bytes, serial: int = 7) -> bytes:
-    return mod.join(mod.encode_stream_data(PROG, 1, 3, serial, data))
+    return bytes(mod.join(mod.encode_stream_data(PROG, 1, 3, serial, data)))
 
 
 def packet(mod: Any, payload: bytes, serial: int = 1, proc: int = 1) -> bytes:
-    return mod.join(mod.encode_message(PROG, 1, proc, 0, serial, 0, payload))
+    return bytes(mod.join(mod.encode_message(PROG, 1, proc, 0, serial, 0, payload)))
 
 
 def drive(mod: Any, wire: bytes, sizes: Iterator[int], **kwargs: Any) -> list[Any]:
@@ -134,7 +135,7 @@ INTERFACE = [
 def test_compiled_module_is_compiled() -> None:
     assert c_wire.IS_COMPILED is True
     assert py_wire.IS_COMPILED is False
-    assert c_wire.__file__.endswith((".so", ".pyd"))
+    assert str(c_wire.__file__).endswith((".so", ".pyd"))
 
 
 @pytest.mark.parametrize("name", INTERFACE)
@@ -546,12 +547,13 @@ def test_bad_length_words(max_message: int, bad: Any, prefix: Any, how: str) -> 
             assert reason == str(direct.value)
         assert reason == expected
         # The decoder stays dead, with the same reason, whatever is asked of it.
-        for call in (
-            lambda d=dec: d.get_buffer(-1),
-            lambda d=dec: d.buffer_updated(0),
-            lambda d=dec: d.feed(b"more"),
-            lambda d=dec, m=mod: d.feed(packet(m, b"fine")),
-        ):
+        calls: tuple[Callable[[], object], ...] = (
+            functools.partial(dec.get_buffer, -1),
+            functools.partial(dec.buffer_updated, 0),
+            functools.partial(dec.feed, b"more"),
+            functools.partial(dec.feed, packet(mod, b"fine")),
+        )
+        for call in calls:
             with pytest.raises(ProtocolError) as again:
                 call()
             assert str(again.value) == expected
@@ -608,7 +610,7 @@ def test_buffer_updated_range(nbytes: Any, state: str) -> None:
 
 def test_feed_rejects_what_memoryview_rejects() -> None:
     for data in ("text", 42, None, memoryview(b"abcdef")[::2], array.array("B", b"xyz")):
-        same(lambda m, data=data: m.FrameDecoder().feed(data))
+        same(lambda m, data=data: m.FrameDecoder().feed(data))  # type: ignore[misc]
     released = memoryview(b"abc")
     released.release()
     same(lambda m: m.FrameDecoder().feed(released))
