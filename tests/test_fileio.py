@@ -252,3 +252,82 @@ async def test_read_until_eof_from_a_pipe_uses_threads_and_fails_short(
         os.close(r)
     assert threads  # a pipe can wait: never read on the loop
     await asyncio.sleep(0)
+
+
+class _SlowThreadReads:
+    """Every read goes to a thread and takes a while; counts the reads in flight, so a
+    test can tell whether a reader was closed while its thread still used the fd."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
+        import time
+
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        real = _fileio._read_into
+
+        def slow(fd: int, view: memoryview, offset: int | None, flags: int = 0) -> memoryview:
+            with self.lock:
+                self.in_flight += 1
+            try:
+                time.sleep(0.05)
+                return real(fd, view, offset, flags)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
+
+        monkeypatch.setattr(_fileio, "_read_into", slow)
+        monkeypatch.setattr(_fileio, "never_waits", lambda fd: False)
+        monkeypatch.setattr(_fileio, "_NOWAIT", 0)
+
+
+async def test_closing_a_reader_waits_for_its_prefetch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller closes the descriptor right after closing the reader: no thread may
+    still be reading it then (the number could already belong to another file)."""
+    (tmp_path / "src").write_bytes(os.urandom(8 * MiB))
+    reads = _SlowThreadReads(monkeypatch)
+    fd = _fd(tmp_path / "src")
+    try:
+        blocks = _fileio.read_blocks(fd, 0, 8 * MiB)
+        first = await blocks.__anext__()  # the next block is now being prefetched
+        assert len(first) > 0
+        await blocks.aclose()
+        assert reads.in_flight == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("reader", ["read_blocks", "read_until_eof"])
+async def test_a_cancelled_reader_finishes_its_thread_read_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    (tmp_path / "src").write_bytes(os.urandom(8 * MiB))
+    reads = _SlowThreadReads(monkeypatch)
+    fd = _fd(tmp_path / "src")
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        import contextlib
+
+        gen = (
+            _fileio.read_blocks(fd, 0, 8 * MiB)
+            if reader == "read_blocks"
+            else _fileio.read_until_eof(fd, 8 * MiB)
+        )
+        async with contextlib.aclosing(gen) as blocks:
+            async for _ in blocks:
+                started.set()
+
+    try:
+        task = asyncio.ensure_future(consume())
+        await started.wait()
+        await asyncio.sleep(0.01)  # inside the next thread read
+        assert reads.in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert reads.in_flight == 0
+    finally:
+        os.close(fd)

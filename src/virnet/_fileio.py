@@ -10,7 +10,8 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
 
 from ._syscalls import never_waits
 
@@ -100,36 +101,71 @@ def _read_into(fd: int, view: memoryview, offset: int | None, flags: int = 0) ->
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
-async def read_until_eof(fd: int, length: int | None = None) -> AsyncIterator[memoryview]:
+async def _settle(job: asyncio.Future[Any]) -> None:
+    """Wait for a read already handed to a thread, even while being cancelled: the
+    thread cannot be stopped and reads into the caller's descriptor, which the caller
+    closes (and the process may reuse) as soon as the reader is closed.  A
+    cancellation that arrives meanwhile is passed on once the read is over."""
+    cancelled = False
+    while not job.done():
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:  # its error no longer matters: the caller has stopped
+            break
+    if not job.cancelled():
+        job.exception()  # retrieved: no "exception was never retrieved" warning
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _in_thread(fd: int, view: memoryview, at: int | None) -> asyncio.Future[memoryview]:
+    return asyncio.ensure_future(asyncio.to_thread(_read_into, fd, view, at))
+
+
+async def read_until_eof(fd: int, length: int | None = None) -> AsyncGenerator[memoryview, None]:
     """Read a source with no known size (a pipe, a FIFO, a character device, stdin) in
     order, in ~1 MiB blocks, until EOF or until ``length`` bytes were read.  A source
     that ends before ``length`` raises ``EOFError`` naming how far it got: a short source
     must fail the transfer, never pass as complete.  Blocks are views of pooled buffers:
     valid until the next block is asked for, unless something keeps a view of them (a
-    stream does, until the data is written to the socket)."""
+    stream does, until the data is written to the socket).
+
+    Close the iterator (``contextlib.aclosing``) before closing ``fd``: closing waits
+    for a read still running in a thread."""
     done = 0
     pool = BufferPool()
     inline = never_waits(fd)  # /dev/zero and its kind: no thread hop per block
-    while length is None or done < length:
-        view = pool.take()
-        if length is not None and length - done < len(view):
-            view = view[: length - done]
-        if inline:
-            block = _read_into(fd, view, None)
-            await asyncio.sleep(0)  # let the stream's flush run between blocks
-        else:
-            block = await asyncio.to_thread(_read_into, fd, view, None)
-        del view
-        if not block:
-            if length is not None:
-                raise EOFError(f"the source ended after {done} of the {length} bytes asked for")
-            return
-        done += len(block)
-        yield block
-        del block
+    job: asyncio.Future[memoryview] | None = None
+    try:
+        while length is None or done < length:
+            view = pool.take()
+            if length is not None and length - done < len(view):
+                view = view[: length - done]
+            if inline:
+                block = _read_into(fd, view, None)
+                await asyncio.sleep(0)  # let the stream's flush run between blocks
+            else:
+                job = _in_thread(fd, view, None)
+                block = await asyncio.shield(job)
+                job = None
+            del view
+            if not block:
+                if length is not None:
+                    raise EOFError(
+                        f"the source ended after {done} of the {length} bytes asked for"
+                    )
+                return
+            done += len(block)
+            yield block
+            del block
+    finally:
+        if job is not None:
+            await _settle(job)
 
 
-async def read_blocks(fd: int, start: int, length: int) -> AsyncIterator[memoryview]:
+async def read_blocks(fd: int, start: int, length: int) -> AsyncGenerator[memoryview, None]:
     """Read ``[start, start+length)`` in ~1 MiB blocks.  Blocks are read-only views of
     pooled buffers (see ``BufferPool``).
 
@@ -138,6 +174,9 @@ async def read_blocks(fd: int, start: int, length: int) -> AsyncIterator[memoryv
     machine the worker then waits for the GIL behind the loop.  Elsewhere a block that
     is in the page cache is read inline too (``RWF_NOWAIT``), and one that is not is
     read in a worker thread, the next block prefetched while the caller sends this one.
+
+    Close the iterator (``contextlib.aclosing``) before closing ``fd``: closing waits
+    for a read still running in a thread (the prefetch included).
     """
     pos = start
     end = start + length
@@ -145,33 +184,34 @@ async def read_blocks(fd: int, start: int, length: int) -> AsyncIterator[memoryv
     inline = never_waits(fd)
     nowait = _NOWAIT if not inline else 0
 
+    def in_thread(at: int) -> asyncio.Future[memoryview]:
+        view = pool.take()
+        return _in_thread(fd, view[: end - at] if end - at < len(view) else view, at)
+
     def view_at(at: int) -> memoryview:
         view = pool.take()
         return view[: end - at] if end - at < len(view) else view
 
-    def in_thread(at: int) -> asyncio.Future[memoryview]:
-        return asyncio.ensure_future(asyncio.to_thread(_read_into, fd, view_at(at), at))
-
-    pending: asyncio.Future[memoryview] | None = None
+    pending: asyncio.Future[memoryview] | None = None  # a read handed to a thread
     try:
         while pos < end:
-            if pending is not None:
-                block = await pending
-                pending = None
-            elif inline:
-                block = _read_into(fd, view_at(pos), pos)
-            elif nowait:
+            block: memoryview | None = None
+            if pending is None and not inline and nowait:
                 try:
                     block = _read_into(fd, view_at(pos), pos, nowait)
                 except BlockingIOError:  # not cached: read it (and the next) in threads
-                    block = await in_thread(pos)
+                    pass
                 except OSError as exc:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
                     nowait = 0  # this file system cannot tell: threads from now on
-                    block = await in_thread(pos)
-            else:
-                block = await in_thread(pos)
+            elif pending is None and inline:
+                block = _read_into(fd, view_at(pos), pos)
+            if block is None:
+                if pending is None:
+                    pending = in_thread(pos)
+                block = await asyncio.shield(pending)
+                pending = None
             if not block:
                 raise OSError(errno.EIO, f"file shrank while reading (at offset {pos})")
             pos += len(block)
@@ -181,7 +221,7 @@ async def read_blocks(fd: int, start: int, length: int) -> AsyncIterator[memoryv
             del block
     finally:
         if pending is not None:
-            pending.cancel()
+            await _settle(pending)
 
 
 class BatchWriter:

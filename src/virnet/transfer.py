@@ -20,6 +20,7 @@ naming the local path; the daemon's refusals raise ``RPCError`` / ``StreamError`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from . import _localfile
@@ -114,11 +115,12 @@ async def _send_file(
             await stream.send_hole(length)
             done += length
         else:
-            async for block in read_blocks(fd, start, length):
-                await stream.send(block)
-                done += len(block)
-                if progress:
-                    progress(done)
+            async with contextlib.aclosing(read_blocks(fd, start, length)) as blocks:
+                async for block in blocks:
+                    await stream.send(block)
+                    done += len(block)
+                    if progress:
+                        progress(done)
     if progress:
         progress(done)
     return done
@@ -129,11 +131,12 @@ async def _send_until_eof(
 ) -> int:
     done = 0
     send = stream.send
-    async for block in read_until_eof(src.fd, length or None):
-        await send(block)
-        done += len(block)
-        if progress:
-            progress(done)
+    async with contextlib.aclosing(read_until_eof(src.fd, length or None)) as blocks:
+        async for block in blocks:
+            await send(block)
+            done += len(block)
+            if progress:
+                progress(done)
     return done
 
 

@@ -857,21 +857,22 @@ class OutgoingJob:
                 self.done += length
                 self._progress()
                 continue
-            async for block in read_blocks(fd, start, length):
-                if pacer.rate:
-                    pos, n = 0, len(block)
-                    while pos < n:
-                        k = min(pacer.piece, n - pos)
-                        await pacer.wait(k)
-                        await send(block[pos : pos + k])
-                        pos += k
-                        self.done += k
+            async with contextlib.aclosing(read_blocks(fd, start, length)) as blocks:
+                async for block in blocks:
+                    if pacer.rate:
+                        pos, n = 0, len(block)
+                        while pos < n:
+                            k = min(pacer.piece, n - pos)
+                            await pacer.wait(k)
+                            await send(block[pos : pos + k])
+                            pos += k
+                            self.done += k
+                            self._progress()
+                    else:
+                        await send(block)
+                        self.done += len(block)
                         self._progress()
-                else:
-                    await send(block)
-                    self.done += len(block)
-                    self._progress()
-                del block
+                    del block
 
     async def _roll_back(self, client: Client | None, stream: Stream | None) -> None:
         """After a failure or an abort: an abort (or a source that changed) tells the

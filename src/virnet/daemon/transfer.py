@@ -18,6 +18,7 @@ SPARSE, holes found by SEEK_DATA/SEEK_HOLE travel as STREAM_HOLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 
@@ -176,8 +177,9 @@ class TransferService:
                 if not is_data:
                     await stream.send_hole(length)
                     continue
-                async for block in read_blocks(fd, start, length):
-                    await stream.send(block)
+                async with contextlib.aclosing(read_blocks(fd, start, length)) as blocks:
+                    async for block in blocks:
+                        await stream.send(block)
         except OSError as exc:
             raise system_error(exc, f"read {args.path!r}") from None
         finally:
