@@ -89,3 +89,19 @@ def test_daemon_config_sets_every_limit(tmp_path: Path) -> None:
     conf.write_text("window = 0\n")
     with pytest.raises(ValueError, match=r"virnetd.toml: limit window must be positive"):
         DaemonConfig.from_file(str(conf))
+
+
+def test_importing_virnet_loads_only_what_is_used() -> None:
+    """``import virnet`` defers the heavy modules until a name from them is used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, virnet\n"
+        "assert 'virnet.server' not in sys.modules and 'virnet.client' not in sys.modules\n"
+        "virnet.connect\n"
+        "assert 'virnet.client' in sys.modules and 'virnet.server' not in sys.modules\n"
+        "assert virnet.Server.__module__ == 'virnet.server'\n"
+        "assert sorted(virnet.__all__) == sorted(n for n in virnet.__all__ if hasattr(virnet, n))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
