@@ -165,7 +165,7 @@ class VirnetDaemon:
             return "".join(self._lines)
 
     def _announced(self) -> int:
-        return sum(1 for line in self._lines if line.startswith("virnetd: listening on "))
+        return sum(1 for line in self._lines if " virnet.daemon: listening on " in line)
 
     def wait_ready(self) -> None:
         expected = len(self.listen) + len(self.readonly)
@@ -630,13 +630,16 @@ def run_virnetd(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def assert_startup_failed(res: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert res.returncode == 1, _describe(res)
+def assert_startup_failed(
+    res: subprocess.CompletedProcess[str], needle: str, status: int = 1
+) -> None:
+    """Exit ``status`` (2: a configuration error) with one log line at level ERROR."""
+    assert res.returncode == status, _describe(res)
     assert "Traceback" not in res.stderr, _describe(res)
-    errors = [line for line in res.stderr.splitlines() if line.startswith("virnetd: error:")]
+    errors = [line for line in res.stderr.splitlines() if " ERROR virnet.daemon: " in line]
     assert len(errors) == 1, _describe(res)
     assert needle in errors[0], _describe(res)
-    assert "virnetd: listening on" not in res.stderr, _describe(res)
+    assert " listening on " not in res.stderr, _describe(res)
 
 
 @pytest.mark.parametrize("extra_listener", [False, True], ids=["alone", "after-another"])
@@ -669,18 +672,18 @@ def test_daemon_startup_errors_are_one_clean_line(base: Path, case: str) -> None
     tmp = base / f"startup-{case}"
     tmp.mkdir()
     (tmp / "plain-file").write_text("")
-    root, listen, needle = str(tmp / "root"), f"unix://{tmp}/d.sock", ""
+    root, listen, needle, status = str(tmp / "root"), f"unix://{tmp}/d.sock", "", 1
     if case == "root-is-a-file":
-        root, needle = str(tmp / "plain-file"), "plain-file"
+        root, needle, status = str(tmp / "plain-file"), "plain-file: not a directory", 2
     elif case == "root-uncreatable":
-        root, needle = str(tmp / "plain-file" / "sub"), "plain-file"
+        root, needle, status = str(tmp / "plain-file" / "sub"), "plain-file", 2
     elif case == "bad-scheme":
         listen, needle = "ftp://localhost/x", "unsupported scheme"
     elif case == "not-a-socket":
         listen, needle = f"unix://{tmp}/plain-file", "not a socket"
     else:
         listen, needle = f"unix://{tmp}/{'s' * 120}.sock", "too long"
-    assert_startup_failed(run_virnetd("--listen", listen, "--root", root), needle)
+    assert_startup_failed(run_virnetd("--listen", listen, "--root", root), needle, status)
     assert (tmp / "plain-file").is_file()
 
 

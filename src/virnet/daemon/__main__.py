@@ -8,9 +8,17 @@ import logging
 import sys
 
 from .. import _loop
+from . import logs
 from .app import run
-from .config import DaemonConfig
+from .config import LOG_LEVELS, DaemonConfig
 from .console import ConsoleError, parse_option
+
+log = logging.getLogger("virnet.daemon")
+
+#: Exit statuses: 1 the daemon failed (a socket could not be listened on, a console
+#: program could not be started), 2 its configuration is wrong (options, the
+#: configuration file, the data root).
+EXIT_FAILED, EXIT_CONFIG = 1, 2
 
 
 def build_parser(docs: bool = False) -> argparse.ArgumentParser:
@@ -50,8 +58,10 @@ def build_parser(docs: bool = False) -> argparse.ArgumentParser:
                    help="output each console keeps for replay when a client attaches "
                    "(default 64K; K, M, G suffixes)")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file (default: none)")
-    p.add_argument("--log-level", default=None,
-                   choices=["debug", "info", "warning", "error"], help="default: info")
+    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default: info")
+    p.add_argument("--log-format", default=None, choices=logs.FORMATS,
+                   help="text: TIME LEVEL LOGGER: MESSAGE (under systemd's journal, "
+                   "<PRIORITY>LOGGER: MESSAGE); json: one object per line (default: text)")
     return p
 
 
@@ -95,11 +105,17 @@ def tune_malloc() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Logging first, so that even a configuration error is a log line in the format
+    # asked for; the configuration file may change level and format after.
+    logs.setup(args.log_level or "info", args.log_format or "text")
     try:
         config = DaemonConfig.from_file(args.config) if args.config else DaemonConfig()
-    except (OSError, ValueError) as exc:
-        print(f"virnetd: error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        log.error("configuration file %s: %s", args.config, exc.strerror or exc)
+        return EXIT_CONFIG
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
     if args.listen:
         config.listen = args.listen
     if args.listen_readonly:
@@ -108,21 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         config.root = args.root
     if args.log_level:
         config.log_level = args.log_level
+    if args.log_format:
+        config.log_format = args.log_format
+    logs.setup(config.log_level, config.log_format)
     if args.console_history is not None:
         config.console_history = args.console_history
     for item in args.console:
         try:
             name, spec = parse_option(item)
         except ConsoleError as exc:
-            print(f"virnetd: error: {exc}", file=sys.stderr)
-            return 2
+            log.error("%s", exc)
+            return EXIT_CONFIG
         config.consoles[name] = spec
     tune_malloc()
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="virnetd: %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     return _loop.run(run(config))
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-import sys
+import stat
 
 from ..server import Server
 from .activation import InheritedSocket, inherited_sockets
@@ -69,20 +70,35 @@ class Daemon:
 
 
 async def run(config: DaemonConfig) -> int:
+    """virnetd's life: 0 after SIGTERM or SIGINT, 1 when it could not start, 2 when
+    its data root is unusable.  Every line goes through logging, each event once."""
     try:
         inherited = inherited_sockets()
-        daemon = Daemon(config, inherited)  # creates the data root: may fail like a listener
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 1
+    config.finish(default_listen=not inherited)
+    readonly_only = not config.listen and all(s.readonly for s in inherited)
+    try:
+        created = prepare_root(config.root, writable=not readonly_only)
+    except RootError as exc:
+        log.error("%s", exc)
+        return 2
+    if created:
+        log.info("created the data root %s (it did not exist)", os.path.abspath(config.root))
+    try:
+        daemon = Daemon(config, inherited)
     except (OSError, ValueError) as exc:
-        print(f"virnetd: error: {exc}", file=sys.stderr)
+        log.error("%s", _describe(exc))
         return 1
     try:
         uris = await daemon.start()
     except (OSError, ValueError) as exc:
         await daemon.stop()  # close (and unlink) the listeners that did start
-        print(f"virnetd: error: {exc}", file=sys.stderr)
+        log.error("%s", _describe(exc))
         return 1
     for uri in uris:
-        print(f"virnetd: listening on {uri}", file=sys.stderr, flush=True)
+        log.info("listening on %s", uri)
     log.info("data root %s", daemon.root.path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -90,6 +106,50 @@ async def run(config: DaemonConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
-    print("virnetd: stopping", file=sys.stderr, flush=True)
     await daemon.stop()
+    log.info("stopped")
     return 0
+
+
+class RootError(Exception):
+    """The data root cannot be used: one line naming it."""
+
+
+def prepare_root(path: str, *, writable: bool = True) -> bool:
+    """Check that ``path`` is a directory the daemon can use as its data root (and
+    write to, with ``writable``); create it when it does not exist but its parent
+    does.  Returns whether it was created; raises ``RootError``."""
+    what = f"data root {path}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise RootError(
+                f"{what}: does not exist, and neither does its parent directory {parent}"
+            ) from None
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            return prepare_root(path, writable=writable)  # made meanwhile
+        except OSError as exc:
+            raise RootError(f"{what}: cannot create it: {exc.strerror or exc}") from None
+        return True
+    except NotADirectoryError:
+        raise RootError(f"{what}: a component of the path is not a directory") from None
+    except OSError as exc:
+        raise RootError(f"{what}: {_describe(exc)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RootError(f"{what}: not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise RootError(f"{what}: not readable by this user (uid {os.geteuid()})")
+    if writable and not os.access(path, os.W_OK):
+        raise RootError(f"{what}: not writable by this user (uid {os.geteuid()})")
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as one line, without ``[Errno N]``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)

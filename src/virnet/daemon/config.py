@@ -5,7 +5,8 @@ Example ``virnetd.toml``::
     listen = ["unix:///run/virnet/virnetd.sock", "tcp://127.0.0.1:16600"]
     listen_readonly = ["unix:///run/virnet/virnetd-ro.sock"]
     root = "/srv/virnet"
-    log_level = "info"
+    log_level = "info"                # debug, info, warning, error
+    log_format = "text"               # or "json": one object per line
     max_message = 33554432
     max_clients = 1024
     max_streams = 64
@@ -42,6 +43,9 @@ from typing import Any
 from .._uri import default_socket_path
 from ..limits import DEFAULT_LIMITS, Limits
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
 
 @dataclass
 class DaemonConfig:
@@ -66,6 +70,7 @@ class DaemonConfig:
     migration_connect_timeout: float = 30.0
     staging_dir: str = ".virnet-staging"
     staging_expiry: float = 600.0
+    log_format: str = "text"
 
     def finish(self, *, default_listen: bool = True) -> DaemonConfig:
         """Fill in environment-dependent defaults (the default socket only when nothing
@@ -104,6 +109,10 @@ class DaemonConfig:
             cfg.limits()
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None
+        if cfg.log_level not in LOG_LEVELS:
+            raise ValueError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}")
+        if cfg.log_format not in LOG_FORMATS:
+            raise ValueError(f"{path}: log_format must be one of {', '.join(LOG_FORMATS)}")
         for name, spec in cfg.consoles.items():
             if not isinstance(spec, str):
                 raise ValueError(
