@@ -120,7 +120,7 @@ def _local_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         from ..demo import run_demo
 
         try:
-            return _loop.run(run_demo(args.size, quiet=args.quiet))
+            return _loop.run(run_demo(args.size, quiet=args.quiet, keep=args.keep))
         except (VirnetError, OSError, ValueError) as exc:
             _error(str(exc))
             return EXIT_FAILED

@@ -255,7 +255,9 @@ def build_parser(docs: bool = False) -> argparse.ArgumentParser:
 
     sp = command("demo", "start an embedded daemon and tour virnet")
     sp.add_argument("--size", default="256M", metavar="SIZE",
-                    help=f"bytes to push through the wire core (default 256M; {SIZE_HELP})")
+                    help=f"bytes of each step's file (default 256M; {SIZE_HELP})")
+    sp.add_argument("--keep", action="store_true",
+                    help="leave the two daemons running afterwards and print what to try")
     sp.set_defaults(func="demo")
 
     sp = command("help", "show the help of a command, or of virnet")
