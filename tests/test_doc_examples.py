@@ -13,6 +13,7 @@ the line above its fence; it must still compile.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -121,3 +122,36 @@ def test_example(block: Block, daemon: tuple[str, Path]) -> None:
         f"{block.name} exited {res.returncode}\n--- stdout ---\n{res.stdout}"
         f"--- stderr ---\n{res.stderr}"
     )
+
+
+# ------------------------------------------------------------------ configuration.md
+
+
+def test_configuration_md_names_every_key_and_variable() -> None:
+    from virnet.daemon.config import DaemonConfig
+
+    text = (TOP / "docs" / "configuration.md").read_text()
+    keys = [f.name for f in dataclasses.fields(DaemonConfig)]
+    missing = [k for k in keys if f"| `{k}` |" not in text and f"| `[{k}]` |" not in text]
+    assert not missing, f"keys without a row in docs/configuration.md: {missing}"
+    sources = [*(TOP / "src").rglob("*.py"), TOP / "setup.py"]
+    variables = set()
+    for path in sources:
+        variables |= set(re.findall(r"\"((?:VIRNET|XDG|LISTEN)_\w+|JOURNAL_STREAM)\"",
+                                    path.read_text()))
+    assert {"VIRNET_ROOT", "VIRNET_SOCKET", "VIRNET_DEFAULT_URI"} <= variables
+    missing = sorted(v for v in variables if f"`{v}`" not in text)
+    assert not missing, f"environment variables not in docs/configuration.md: {missing}"
+
+
+def test_configuration_md_example_is_the_defaults(tmp_path: Path) -> None:
+    from virnet.daemon.config import DaemonConfig
+
+    text = (TOP / "docs" / "configuration.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    path = tmp_path / "virnetd.toml"
+    path.write_text(example)
+    loaded = DaemonConfig.from_file(str(path))
+    assert loaded.consoles == {"shell": "/bin/bash -i", "guest": "unix:/run/guest/serial.sock"}
+    loaded.consoles = {}
+    assert loaded == DaemonConfig()

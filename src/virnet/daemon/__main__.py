@@ -48,7 +48,8 @@ def build_parser(docs: bool = False) -> argparse.ArgumentParser:
                    help="listen on URI allowing only read-only operations; repeatable "
                    "(default: none)")
     p.add_argument("--root", metavar="DIR",
-                   help="data root (default $VIRNET_ROOT or ./virnet-data)")
+                   help="data root (default $VIRNET_ROOT or ./virnet-data); created when "
+                   "missing if its parent directory exists")
     p.add_argument("--console", action="append", default=[], metavar="NAME=COMMAND",
                    help="serve a console: NAME=COMMAND runs COMMAND on a pseudo-terminal "
                    "(started with the daemon, restarted at the next attach after it exits; "

@@ -1,4 +1,5 @@
-"""virnetd's configuration: defaults, then an optional TOML file, then command-line flags.
+"""virnetd's configuration: defaults, then an optional TOML file, then command-line flags
+(docs/configuration.md describes every key).
 
 Example ``virnetd.toml``::
 
