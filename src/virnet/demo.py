@@ -322,6 +322,8 @@ async def _migration(client: Client, src: DemoDaemon, dst: DemoDaemon, size: int
         if bar is not None and ev.job_serial == serial:
             bar.total(ev.total)
             bar.update(ev.transferred)
+            if ev.transferred == ev.total:
+                bar.committing()  # the destination syncs and renames it into place
 
     unsubscribe = client.subscribe(mig.PROGRESS, on_progress)
     payload = mig.PERFORM.encode_args(mig.PerformArgs("images/disk.img", dst.uri, 0, 0))
@@ -409,7 +411,7 @@ def _next_steps(tmp: str, src: DemoDaemon, dst: DemoDaemon, say: Say) -> None:
             f"{daemon.root}, log {daemon.log}")
     say("Try:")
     say(f"  virnet -c {s} ls images")
-    say(f"  virnet -c {s} console shell             # ^] detaches")
+    say(f"  virnet -c {s} console shell    # ^] detaches")
     say(f"  virnet -c {s} migrate images/sparse.img {d}")
     say(f"  virnet -c {d} checksum images/sparse.img")
     say("Stop them and remove the directory:")
@@ -452,7 +454,8 @@ async def run_demo(size: str = "256M", *, quiet: bool = False, keep: bool = Fals
         say(f"   wire core framing + decoding of {total / MiB:.0f} MiB: {rate:.2f} GB/s")
         say(f"\ntour done in {time.perf_counter() - began:.1f} s")
         if keep:
-            _next_steps(tmp, src, dst, say)
+            # Even with quiet: without these lines the daemons could not be found.
+            _next_steps(tmp, src, dst, lambda text: print(text, flush=True))
             kept = True
     finally:
         if not kept:

@@ -253,7 +253,7 @@ def build_parser(docs: bool = False) -> argparse.ArgumentParser:
     _progress_options(sp)
     sp.set_defaults(func="migrate")
 
-    sp = command("demo", "start an embedded daemon and tour virnet")
+    sp = command("demo", "tour virnet on two daemons started in a temporary directory")
     sp.add_argument("--size", default="256M", metavar="SIZE",
                     help=f"bytes of each step's file (default 256M; {SIZE_HELP})")
     sp.add_argument("--keep", action="store_true",
