@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -54,7 +55,7 @@ def _fails(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
     )
 
 
-def _serve(tmp: Path, *args: str, stderr: int | io.TextIOBase = subprocess.PIPE,
+def _serve(tmp: Path, *args: str, stderr: int | IO[str] = subprocess.PIPE,
            cwd: Path | None = None, **env: str) -> tuple[int, str]:
     """Start virnetd, wait for its socket, SIGTERM it; its exit status and stderr."""
     sock = tmp / "d.sock"
