@@ -89,21 +89,20 @@ class DemoDaemon:
 
     @classmethod
     def spawn(cls, role: str, directory: str, *extra: str) -> DemoDaemon:
-        self = cls.__new__(cls)
-        self.role, self.directory = role, directory
+        sock = os.path.join(directory, f"{role}.sock")
         env = dict(os.environ)
         for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "JOURNAL_STREAM"):
             env.pop(var, None)
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "virnet.daemon", "--listen", self.uri,
-                 "--root", self.root, *extra],
+        with open(os.path.join(directory, f"{role}.log"), "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "virnet.daemon", "--listen", f"unix://{sock}",
+                 "--root", os.path.join(directory, role), *extra],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=directory,
                 # Its own session: a ^C on the demo's terminal is the demo's to handle,
                 # and with --keep the daemon outlives the terminal's demo.
                 start_new_session=True,
             )
-        return self
+        return cls(role, directory, proc)
 
     async def connect(self) -> Client:
         deadline = time.monotonic() + START_TIMEOUT
@@ -305,8 +304,8 @@ async def _console_session(client: Client, say: Say) -> None:
             say(f"   | {line}")
 
 
-async def _migration(client: Client, src: DemoDaemon, dst: DemoDaemon, size: int,
-                     show_bar: bool, say: Say) -> None:
+async def _migration(client: Client, src: DemoDaemon, dst: DemoDaemon, show_bar: bool,
+                     say: Say) -> None:
     say(f"\n3. a migration: the {src.role} daemon sends images/disk.img to the "
         f"{dst.role} daemon")
     async with await dst.connect() as other:
@@ -446,8 +445,7 @@ async def run_demo(size: str = "256M", *, quiet: bool = False, keep: bool = Fals
             say(f"connected: {client.mode.value} mode, keepalive ping {rtt * 1e6:.0f} us")
             await _files(client, src, tmp, total, say)
             await _console_session(client, say)
-            show_bar = not quiet
-            await _migration(client, src, dst, total, show_bar, say)
+            await _migration(client, src, dst, not quiet, say)
         say("\n4. the wire core, in this process")
         say(f"   wire core: {'compiled (Cython)' if _impl.compiled else 'pure Python'}")
         rate = await asyncio.to_thread(wire_rate, total)
