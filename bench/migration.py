@@ -76,7 +76,7 @@ class Daemon:
         self.sock = workdir / f"{label}.sock"
         cmd = [sys.executable, "-m", "virnet.daemon", "--root", str(self.root),
                "--listen", f"unix://{self.sock}", "--listen", "tcp://127.0.0.1:0",
-               "--log-level", "warning"]
+               "--log-level", "info"]  # info: its "listening on" lines give the TCP port
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.uris: list[str] = []
