@@ -73,7 +73,7 @@ class Stream:
     ``CallContext.accept_stream`` (server side); do not construct it yourself."""
 
     def __init__(self, proto: RPCProtocol, core: StreamCore) -> None:
-        self._proto = proto
+        self._loop = proto.loop  # the only thing the facade needs from the connection
         self._core = core
         core.listener = self
         self.key = core.key
@@ -174,7 +174,7 @@ class Stream:
         """Wait until ``condition()`` holds, checked whenever the core reports a change
         (used by the server's completion of a stream)."""
         while not condition():
-            fut = self._proto.loop.create_future()
+            fut = self._loop.create_future()
             self._change_waiter = fut
             try:
                 await fut
@@ -186,7 +186,7 @@ class Stream:
         core = self._core
         while core.tx_bytes >= SEND_QUEUE_LIMIT:
             core.check()
-            fut = self._proto.loop.create_future()
+            fut = self._loop.create_future()
             self._tx_waiter = fut
             try:
                 await fut
@@ -283,7 +283,7 @@ class Stream:
                 raise core.error
             if core.closed:
                 raise stream_error("stream is closed", ErrorCode.OPERATION_FAILED)
-            fut = self._proto.loop.create_future()
+            fut = self._loop.create_future()
             self._rx_waiter = fut
             try:
                 await fut
@@ -380,7 +380,7 @@ class Stream:
         transfer failed anywhere (this is where asynchronous errors surface)."""
         core = self._core
         core.start_finish()
-        fut: asyncio.Future[None] = self._proto.loop.create_future()
+        fut: asyncio.Future[None] = self._loop.create_future()
         self._control_waiter = fut
         await fut  # raises the peer's StreamError if the transfer failed anywhere
         self._control_waiter = None
@@ -402,7 +402,7 @@ class Stream:
             return
         fut = self._control_waiter
         if fut is None or fut.done():
-            fut = self._proto.loop.create_future()
+            fut = self._loop.create_future()
             self._control_waiter = fut
         try:
             async with asyncio.timeout(timeout):
@@ -476,7 +476,7 @@ class Stream:
 
     def _notify(self) -> None:
         if self._event_handle is None and self._levels() & self._event_mask:
-            self._event_handle = self._proto.loop.call_soon(self._fire)
+            self._event_handle = self._loop.call_soon(self._fire)
 
     def _progress(self) -> tuple[int, int, int, int]:
         core = self._core
