@@ -140,17 +140,21 @@ class Stream:
         )
 
     # ------------------------------------------------------------------ core events
+    # on_rx and on_tx run once per packet: the common case (nobody else watching) is
+    # two attribute checks, no further call.
     def on_rx(self) -> None:
         fut = self._rx_waiter
         if fut is not None and not fut.done():
             fut.set_result(None)
-        self._changed()
+        if self._change_waiter is not None or self._event_cb is not None:
+            self._changed()
 
     def on_tx(self) -> None:
         fut = self._tx_waiter
         if fut is not None and self._core.tx_bytes < SEND_QUEUE_LIMIT and not fut.done():
             fut.set_result(None)
-        self._changed()
+        if self._change_waiter is not None or self._event_cb is not None:
+            self._changed()
 
     def on_confirm(self, err: StreamError | None) -> None:
         fut = self._control_waiter
