@@ -545,7 +545,7 @@ async def test_connection_memory_budget() -> None:
                 await a.recv_chunk()  # connection over budget: a's credit is held back
             received = a.bytes_received
             await asyncio.sleep(0.3)
-            assert a in c.protocol.deferred_grants
+            assert a._core in c.protocol.deferred_grants
             assert a.bytes_received == received
             total = {}
             for name, st in (("b", b), ("a", a)):  # reading b releases a's credit

@@ -9,9 +9,15 @@ What the core owns:
 
 * the frame decoder, and validation of every packet's type/status against the role;
 * serial allocation and the set of calls awaiting a reply (replies may come in any order);
-* routing of STREAM / STREAM_HOLE packets to registered stream endpoints;
+* the stream routing table: streams are opened and unregistered only here
+  (``open_stream`` / ``unregister_stream``); each stream's own state machine, queues and
+  credit are a ``_streams.StreamCore``;
+* stream flow control shared by the connection's streams: the receive budget
+  (``rx_buffered`` against ``rx_budget``, CREDIT deferred past it) and the decision to
+  stop reading for a legacy stream over its limit (reported to ``on_rx_pause``);
 * keepalive state (PING answered with PONG, idle ticks counted, timeout decided);
-* HELLO negotiation state (native vs legacy mode);
+* HELLO negotiation: the offer, accepting an offer (server), applying the reply
+  (client), and the resulting mode, features and peer window;
 * the outgoing queue: control packets, calls and replies first, stream data after.
 
 A protocol violation raises ``ProtocolError`` from ``receive``; the glue then closes the
@@ -25,10 +31,14 @@ import struct
 from collections import deque
 from typing import Any, Protocol
 
+from . import protocol, xdr
 from ._impl import FrameDecoder, Message, encode_message
+from ._streams import StreamCore
 from .constants import (
     CONTROL_CREDIT,
     CONTROL_PROGRAM,
+    FEATURE_FLOW_CONTROL,
+    FEATURE_KEEPALIVE,
     KEEPALIVE_PING,
     KEEPALIVE_PONG,
     KEEPALIVE_PROGRAM,
@@ -37,7 +47,7 @@ from .constants import (
     MessageStatus,
     MessageType,
 )
-from .errors import ProtocolError
+from .errors import ErrorCode, ErrorDomain, ProtocolError, RPCError, XdrError
 from .limits import DEFAULT_LIMITS, Limits
 
 Buffer = bytes | bytearray | memoryview
@@ -57,6 +67,8 @@ _CONTINUE = int(MessageStatus.CONTINUE)
 
 _PING = encode_message(KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, KEEPALIVE_PING, _MESSAGE, 0, _OK)
 _PONG = encode_message(KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, KEEPALIVE_PONG, _MESSAGE, 0, _OK)
+#: The features this implementation offers in HELLO and accepts from a peer.
+FEATURES = FEATURE_FLOW_CONTROL | FEATURE_KEEPALIVE
 
 
 class Mode(enum.Enum):
@@ -75,6 +87,8 @@ class StreamEndpoint(Protocol):
     def next_packet(self, limit: int) -> tuple[list[Buffer], int, bool] | None: ...
 
     def on_credit(self, amount: int) -> None: ...
+
+    def connection_lost(self, exc: BaseException) -> None: ...
 
 
 class KeepaliveAction(enum.Enum):
@@ -124,9 +138,11 @@ class ConnectionCore:
         self.is_client = is_client
         self.limits = limits
         self.decoder = FrameDecoder(limits.max_message)
+        self.peer = "?"  # a label for log messages (the glue sets the peer's address)
         self.mode = Mode.UNKNOWN
         self.features = 0
         self.peer_window = 0
+        self._hello_offered = 0  # client: the features our HELLO asked for
         self.keepalive = Keepalive(limits.keepalive_interval, limits.keepalive_count)
         #: Our per-stream receive window (native) or receive limit (legacy), in bytes.
         self.window = limits.window
@@ -135,9 +151,12 @@ class ConnectionCore:
         #: it, no stream is granted more credit until readers catch up.
         self.rx_budget = limits.rx_budget
         self.rx_buffered = 0
-        self.deferred_grants: list[Any] = []
+        self.deferred_grants: list[StreamCore] = []
+        # Legacy streams over their receive limit: while any is, reading pauses.
+        self._rx_over_limit: set[StreamCore] = set()
         self._next_serial = 1
         self._pending: dict[int, tuple[int, int, int]] = {}
+        #: The routing table, written only by ``open_stream``/``unregister_stream``.
         self.streams: dict[StreamKey, StreamEndpoint] = {}
         # Control packets, calls, replies and events: always sent before stream data.
         self._urgent: list[Buffer] = []
@@ -177,6 +196,13 @@ class ConnectionCore:
 
     def on_output(self) -> None:
         """Packets were queued; the glue should schedule a flush."""
+
+    def on_rx_pause(self, paused: bool) -> None:
+        """Stop reading the socket (``paused``: a legacy stream's reader fell behind its
+        receive limit), or resume (every such reader caught up)."""
+
+    def on_stream_closed(self, stream: StreamCore) -> None:
+        """``stream`` ended and left the routing table (roles keep their own counts)."""
 
     # ------------------------------------------------------------------ bytes in
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -303,6 +329,98 @@ class ConnectionCore:
 
     def ping(self) -> None:
         self.queue_urgent(_PING)
+
+    # ------------------------------------------------------------------ streams
+    @property
+    def flow_control(self) -> bool:
+        """Streams use credit-based flow control (native mode, negotiated)."""
+        return self.mode is Mode.NATIVE and bool(self.features & FEATURE_FLOW_CONTROL)
+
+    def open_stream(
+        self,
+        prog: int,
+        vers: int,
+        proc: int,
+        serial: int,
+        *,
+        sparse: bool = False,
+        can_send: bool = True,
+        can_recv: bool = True,
+    ) -> StreamCore:
+        """Create the stream named by the call ``(prog, vers, proc, serial)`` and route
+        its packets to it from now on (a client opens it before the call goes out, so
+        data sent ahead of the reply is kept)."""
+        stream = StreamCore(
+            self, prog, vers, proc, serial, sparse=sparse, can_send=can_send, can_recv=can_recv
+        )
+        self.streams[stream.key] = stream
+        return stream
+
+    def unregister_stream(self, stream: StreamCore) -> None:
+        """``stream`` ended: late packets for it are dropped from now on."""
+        key = stream.key
+        if self.streams.get(key) is stream:
+            del self.streams[key]
+        self._rx_over_limit.discard(stream)
+        self.on_stream_closed(stream)
+
+    def stream_over_limit(self, stream: StreamCore, over: bool) -> None:
+        """A legacy stream's receive queue passed (or fell back under) its limit: the
+        connection reads only while no stream is over."""
+        over_limit = self._rx_over_limit
+        was = bool(over_limit)
+        if over:
+            over_limit.add(stream)
+        else:
+            over_limit.discard(stream)
+        if bool(over_limit) != was:
+            self.on_rx_pause(not was)
+
+    def release_deferred_grants(self) -> None:
+        """The connection is back within its receive budget: send the CREDIT held back."""
+        waiting = self.deferred_grants
+        self.deferred_grants = []
+        for stream in waiting:
+            stream.grant()
+
+    # ------------------------------------------------------------------ HELLO
+    def hello_offer(self, features: int = FEATURES) -> bytes:
+        """Client: the HELLO call's payload, offering ``features`` and our window."""
+        self._hello_offered = features
+        return xdr.encode(protocol.Hello, protocol.Hello(features, self.window))
+
+    def accept_hello(self, payload: Buffer) -> bytes:
+        """Server: accept a HELLO offer; the connection is native from now on, with the
+        features both sides know.  Returns the reply payload.  A malformed offer raises
+        ``RPCError`` (the call's error reply) and changes nothing."""
+        try:
+            hello = xdr.decode(protocol.Hello, payload)
+        except XdrError as exc:
+            raise RPCError(
+                f"invalid HELLO: {exc}", code=ErrorCode.RPC, domain=ErrorDomain.RPC
+            ) from None
+        self.features = hello.features & FEATURES
+        self.peer_window = hello.window
+        self.mode = Mode.NATIVE
+        return xdr.encode(protocol.Hello, protocol.Hello(self.features, self.window))
+
+    def apply_hello_reply(self, payload: Buffer) -> None:
+        """Client: the peer accepted HELLO with ``payload``; the connection is native."""
+        try:
+            reply = xdr.decode(protocol.Hello, payload)
+        except XdrError as exc:
+            raise ProtocolError(f"bad HELLO reply: {exc}") from None
+        self.mode = Mode.NATIVE
+        self.features = reply.features & self._hello_offered
+        self.peer_window = reply.window
+
+    def hello_refused(self) -> None:
+        """Client: the peer answered HELLO with an error (libvirt): legacy mode."""
+        self.mode = Mode.LEGACY
+
+    @property
+    def keepalive_negotiated(self) -> bool:
+        return self.mode is Mode.NATIVE and bool(self.features & FEATURE_KEEPALIVE)
 
     # ------------------------------------------------------------------ calls
     def allocate_serial(self) -> int:

@@ -72,6 +72,7 @@ _SNDBUF_SCALE = 2 if sys.platform.startswith("linux") else 1
 
 
 _YIELD = "yield to a woken task"  # a hold_reading reason
+_STREAMS_FULL = "streams over their receive limit"  # a hold_reading reason
 
 
 class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
@@ -86,7 +87,6 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         ConnectionCore.__init__(self, is_client=is_client, limits=limits)
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
         self._flush_handle: asyncio.Handle | None = None
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._write_paused = False
@@ -176,7 +176,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             self._keepalive_handle = None
         try:
             for stream in list(self.streams.values()):
-                stream.connection_lost(self.close_exc)  # type: ignore[attr-defined]
+                stream.connection_lost(self.close_exc)
             self.on_closed(self.close_exc)
         finally:
             if not self.closed.done():
@@ -208,12 +208,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             else:
                 self.transport.resume_reading()
 
-    def stream_over_limit(self, stream: object, over: bool) -> None:
-        """A legacy-mode stream's receive queue passed (or fell back under) its limit."""
-        self.hold_reading(stream, over)
-
-    def stream_closed(self, stream: object) -> None:
-        """A stream ended (roles override to keep their own accounting)."""
+    def on_rx_pause(self, paused: bool) -> None:
+        """The core says: stop reading (a legacy stream's reader fell behind), or go on."""
+        self.hold_reading(_STREAMS_FULL, paused)
 
     def on_written(self) -> None:
         """Packets were just handed to the transport (roles override to bound what a

@@ -14,14 +14,7 @@ from ._core import Buffer, Mode
 from ._impl import Message, Packer, Unpacker
 from ._protocol import RPCProtocol
 from ._uri import Address, default_uri, parse_uri
-from .constants import (
-    CONTROL_HELLO,
-    CONTROL_PROGRAM,
-    CONTROL_VERSION,
-    FEATURE_FLOW_CONTROL,
-    FEATURE_KEEPALIVE,
-    MessageStatus,
-)
+from .constants import CONTROL_HELLO, CONTROL_PROGRAM, CONTROL_VERSION, MessageStatus
 from .errors import CallTimeoutError, ConnectionClosedError, ProtocolError, RPCError, XdrError
 from .limits import DEFAULT_LIMITS, Limits
 from .program import A, Event, Procedure, R, StreamDirection
@@ -214,8 +207,7 @@ class Client:
         payload = procedure.encode_args(args)
         serial = proto.allocate_serial()
         direction = procedure.stream
-        stream = Stream(
-            proto,
+        core = proto.open_stream(
             prog.number,
             prog.version,
             procedure.number,
@@ -224,7 +216,7 @@ class Client:
             can_send=direction is not StreamDirection.DOWNLOAD,
             can_recv=direction is not StreamDirection.UPLOAD,
         )
-        proto.streams[stream.key] = stream
+        stream = Stream(proto, core)
         try:
             # Not interactive: bulk data follows, the connection need not run lean.
             data = await self._call_raw(
@@ -232,8 +224,7 @@ class Client:
             )
             stream.reply = procedure.decode_ret(data)
         except BaseException as exc:
-            proto.streams.pop(stream.key, None)
-            stream.state = StreamState.FAILED
+            core.terminate(StreamState.FAILED, None)  # unregisters it
             if isinstance(exc, XdrError):
                 raise ProtocolError(f"bad reply to {procedure!r}: {exc}") from None
             raise
@@ -369,32 +360,26 @@ async def connect(
     client = Client(proto, address)
     if hello:
         try:
-            await _negotiate(client, limits.window, timeout)
+            await _negotiate(client, timeout)
         except BaseException:
             await client.close()
             raise
     return client
 
 
-async def _negotiate(client: Client, window: int, timeout: float | None) -> None:
+async def _negotiate(client: Client, timeout: float | None) -> None:
+    """HELLO: the core builds the offer and applies the answer; this only moves it."""
     proto = client.protocol
-    wanted = FEATURE_FLOW_CONTROL | FEATURE_KEEPALIVE
-    payload = xdr.encode(protocol.Hello, protocol.Hello(wanted, window))
     try:
         # Not interactive: the connection need not start out lean.
         data = await client._call_raw(
-            CONTROL_PROGRAM, CONTROL_VERSION, CONTROL_HELLO, payload, timeout, None, False
+            CONTROL_PROGRAM, CONTROL_VERSION, CONTROL_HELLO, proto.hello_offer(), timeout,
+            None, False,
         )
     except RPCError as exc:
         log.debug("peer refused HELLO (%s): legacy mode", exc)
-        proto.mode = Mode.LEGACY
+        proto.hello_refused()
         return
-    try:
-        reply = xdr.decode(protocol.Hello, data)
-    except XdrError as exc:
-        raise ProtocolError(f"bad HELLO reply: {exc}") from None
-    proto.mode = Mode.NATIVE
-    proto.features = reply.features & wanted
-    proto.peer_window = reply.window
-    if proto.features & FEATURE_KEEPALIVE:
+    proto.apply_hello_reply(data)
+    if proto.keepalive_negotiated:
         proto.start_keepalive()

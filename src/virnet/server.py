@@ -36,19 +36,12 @@ from typing import Any, TypeVar
 from . import protocol, xdr
 from ._blocking import WORKERS as BLOCKING_WORKERS
 from ._blocking import BlockingPool
-from ._core import Mode
 from ._impl import Message
 from ._protocol import RPCProtocol
+from ._streams import StreamCore, StreamState
 from ._uri import Address, parse_uri
-from .constants import (
-    CONTROL_HELLO,
-    CONTROL_PROGRAM,
-    CONTROL_VERSION,
-    FEATURE_FLOW_CONTROL,
-    FEATURE_KEEPALIVE,
-    MessageStatus,
-)
-from .errors import ErrorCode, ErrorDomain, RPCError, XdrError
+from .constants import CONTROL_HELLO, CONTROL_PROGRAM, CONTROL_VERSION, MessageStatus
+from .errors import ErrorCode, ErrorDomain, RPCError, StreamError, XdrError
 from .limits import DEFAULT_LIMITS, Limits
 from .program import Event, Procedure, Program, StreamDirection
 from .stream import Stream
@@ -118,8 +111,7 @@ class CallContext:
             )
         payload = proc.encode_ret(reply)
         prog = proc.program
-        stream = Stream(
-            conn,
+        core = conn.open_stream(
             prog.number,
             prog.version,
             proc.number,
@@ -128,7 +120,7 @@ class CallContext:
             can_send=proc.stream is not StreamDirection.UPLOAD,
             can_recv=proc.stream is not StreamDirection.DOWNLOAD,
         )
-        conn.streams[stream.key] = stream
+        stream = Stream(conn, core)
         conn.open_streams.add(stream)
         task = asyncio.current_task()
         if task is not None:
@@ -153,6 +145,50 @@ class CallContext:
         return self.connection.run_blocking(fn, *args, long=long)
 
 
+# ---------------------------------------------------------------------- stream ends
+def fail_stream(stream: Stream, exc: RPCError) -> None:
+    """Server side: end ``stream`` with ``exc``.  The STREAM+ERROR carrying it goes out
+    after the data already sent, as libvirt's daemon orders it; from now on every
+    operation on this end raises it and incoming data is dropped."""
+    core = stream._core
+    if core.closed or core.failing:
+        return
+    if isinstance(exc, StreamError):
+        err = exc
+    else:
+        err = StreamError(
+            exc.message,
+            code=exc.code,
+            domain=exc.domain,
+            level=exc.level,
+            str1=exc.str1,
+            str2=exc.str2,
+            str3=exc.str3,
+            int1=exc.int1,
+            int2=exc.int2,
+        )
+    core.fail_after_data(err)
+
+
+async def complete_stream(stream: Stream) -> None:
+    """Server side, after the handler returned: send EOF if we send, wait for the
+    client's finish (STREAM+OK), drain what it sent, and confirm with STREAM+OK."""
+    core = stream._core
+    if core.closed:
+        return
+    if core.can_send and not core.eof_sent:
+        core.queue_eof()
+    # Data the handler did not read is dropped (and credited, so nothing stalls).
+    core.discard_unread()
+    if not core.finish_requested:
+        await stream._until(lambda: core.finish_requested or core.closed)
+    if core.closed:
+        return
+    # The confirmation must follow any data still queued: it goes in the stream's queue.
+    core.queue_finish_confirmation()
+    await stream._until(lambda: not core.tx or core.closed)
+    core.terminate(StreamState.FINISHED, None)
+
 
 class ServerConnection(RPCProtocol):
     """One client's connection to a ``Server``."""
@@ -175,9 +211,10 @@ class ServerConnection(RPCProtocol):
         self._drained: asyncio.Future[None] | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []  # wait_idle
 
-    def stream_closed(self, stream: object) -> None:
-        if isinstance(stream, Stream):
-            self.open_streams.discard(stream)
+    def on_stream_closed(self, stream: StreamCore) -> None:
+        listener = stream.listener
+        if isinstance(listener, Stream):
+            self.open_streams.discard(listener)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -390,7 +427,8 @@ class ServerConnection(RPCProtocol):
             return
         except asyncio.CancelledError:
             if ctx.stream is not None:
-                ctx.stream.server_fail(
+                fail_stream(
+                    ctx.stream,
                     RPCError("stream cancelled: the server is shutting down",
                              code=ErrorCode.OPERATION_ABORTED, domain=ErrorDomain.STREAMS)
                 )
@@ -408,7 +446,7 @@ class ServerConnection(RPCProtocol):
             )
             return
         if ctx.stream is not None:
-            await ctx.stream.server_complete()
+            await complete_stream(ctx.stream)
             return
         self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
 
@@ -418,24 +456,20 @@ class ServerConnection(RPCProtocol):
         if ctx.stream is None:
             self.reply_error(msg, exc)
         else:
-            ctx.stream.server_fail(exc)
+            fail_stream(ctx.stream, exc)
 
     def _control_call(self, msg: Message) -> None:
+        """VIRNET_CONTROL: the core accepts the HELLO offer; this only moves bytes."""
         if msg.proc != CONTROL_HELLO:
             self.reply_error(msg, _rpc_error(f"unknown procedure: {msg.proc}"))
             return
         try:
-            hello = xdr.decode(protocol.Hello, msg.payload)
-        except XdrError as exc:
-            self.reply_error(msg, _rpc_error(f"invalid HELLO: {exc}"))
+            payload = self.accept_hello(msg.payload)
+        except RPCError as exc:
+            self.reply_error(msg, exc)
             return
-        offered = FEATURE_FLOW_CONTROL | FEATURE_KEEPALIVE
-        self.features = hello.features & offered
-        self.peer_window = hello.window
-        self.mode = Mode.NATIVE
-        payload = xdr.encode(protocol.Hello, protocol.Hello(self.features, self.window))
         self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
-        if self.features & FEATURE_KEEPALIVE:
+        if self.keepalive_negotiated:
             self.start_keepalive()
 
     # ------------------------------------------------------------------ events
@@ -614,7 +648,7 @@ class Server:
         )
         for conn in conns:  # running streams end with an error, not silently
             for stream in list(conn.open_streams):
-                stream.server_fail(shutdown)
+                fail_stream(stream, shutdown)
         if conns:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):

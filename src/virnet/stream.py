@@ -17,6 +17,10 @@ In native mode the reader's consumption is returned to the peer as CREDIT once h
 window is used, so a stream whose reader stops holds at most one window of memory and
 stops only its own sender.  In legacy mode (a libvirt peer) there is no credit: when a
 stream's queue passes its limit the connection stops reading, libvirt's only lever.
+
+The protocol state of a stream (its state machine, queues, credit and limits) is the
+sans-IO ``virnet._streams.StreamCore``; ``Stream`` is the asyncio face of it: it waits
+for what the core reports (``on_rx``, ``on_tx``, ...) and fires event callbacks.
 """
 
 from __future__ import annotations
@@ -24,44 +28,31 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import struct
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
-from . import protocol, xdr
-from ._core import Buffer, Mode
-from ._impl import Message, encode_message, pack_header
-from .constants import (
-    CONTROL_CREDIT,
-    CONTROL_PROGRAM,
-    CONTROL_VERSION,
-    FEATURE_FLOW_CONTROL,
-    STREAM_CHUNK,
-    MessageStatus,
-    MessageType,
+from ._core import Buffer
+from ._streams import (
+    EOF,
+    SEND_QUEUE_LIMIT,
+    Hole,
+    StreamCore,
+    StreamState,
+    stream_error,
 )
-from .errors import ErrorCode, ErrorDomain, ProtocolError, RPCError, StreamError, XdrError
+from .constants import STREAM_CHUNK
+from .errors import ErrorCode, StreamError
 
 if TYPE_CHECKING:
     from ._protocol import RPCProtocol
 
+__all__ = ["ABORT_TIMEOUT", "SEND_QUEUE_LIMIT", "Hole", "Stream", "StreamEvent", "StreamState"]
+
 log = logging.getLogger("virnet.stream")
 
-_STREAM: Final = int(MessageType.STREAM)
-_HOLE: Final = int(MessageType.STREAM_HOLE)
-_MESSAGE: Final = int(MessageType.MESSAGE)
-_OK: Final = int(MessageStatus.OK)
-_ERROR: Final = int(MessageStatus.ERROR)
-_CONTINUE: Final = int(MessageStatus.CONTINUE)
-
-#: Bytes a stream may have queued for sending before ``send()`` waits (bounded memory
-#: for copies of mutable data; views of immutable data cost nothing but count too).
-SEND_QUEUE_LIMIT: Final = 1024 * 1024
 #: Seconds ``Stream.abort()`` waits for the peer to confirm, by default.
 ABORT_TIMEOUT: Final = 30.0
-_CREDIT = struct.Struct(">IIiII")  # protocol.Credit, packed directly on the hot path
 
 
 class StreamEvent(enum.IntFlag):
@@ -73,112 +64,30 @@ class StreamEvent(enum.IntFlag):
     HANGUP = 8
 
 
-class StreamState(enum.Enum):
-    OPEN = "open"
-    FINISHING = "finishing"  # finish sent (client) or requested (server)
-    FINISHED = "finished"
-    ABORTED = "aborted"
-    FAILED = "failed"
-
-
-class Hole:
-    """A run of ``length`` bytes of nothing, received on a sparse stream."""
-
-    __slots__ = ("length",)
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __repr__(self) -> str:
-        return f"Hole({self.length})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Hole) and other.length == self.length
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class _ErrorItem:
-    """A STREAM+ERROR queued behind the data already sent (server-side failure)."""
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-
-_EOF: Final = object()
-_FINISH: Final = object()  # a control item in the send queue: STREAM+OK after the data
-
 Sink = Callable[[memoryview], Any] | BinaryIO | Any
 Source = BinaryIO | AsyncIterable[Buffer] | Iterable[Buffer] | Callable[[int], Any] | Any
-
-
-def _stream_error(message: str, code: int = ErrorCode.INVALID_STREAM) -> StreamError:
-    return StreamError(message, code=code, domain=ErrorDomain.STREAMS)
 
 
 class Stream:
     """One end of a data stream.  Get one from ``Client.open_stream`` (client side) or
     ``CallContext.accept_stream`` (server side); do not construct it yourself."""
 
-    def __init__(
-        self,
-        proto: RPCProtocol,
-        prog: int,
-        vers: int,
-        proc: int,
-        serial: int,
-        *,
-        sparse: bool = False,
-        can_send: bool = True,
-        can_recv: bool = True,
-    ) -> None:
-        self._proto = proto
-        self.key = (prog, vers, proc, serial)
-        self._prog = prog
-        self._vers = vers
-        self._proc = proc
-        self.serial = serial
-        self.sparse = sparse
-        self.can_send = can_send
-        self.can_recv = can_recv
-        self.is_client = proto.is_client
-        self.native = proto.mode is Mode.NATIVE and bool(proto.features & FEATURE_FLOW_CONTROL)
-        self.state = StreamState.OPEN
-        self.error: StreamError | None = None
+    def __init__(self, proto: RPCProtocol, core: StreamCore) -> None:
+        self._loop = proto.loop  # the only thing the facade needs from the connection
+        self._core = core
+        core.listener = self
+        self.key = core.key
+        self.serial = core.serial
+        self.sparse = core.sparse
+        self.can_send = core.can_send
+        self.can_recv = core.can_recv
+        self.is_client = core.is_client
+        self.native = core.native
         self.reply: Any = None
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.holes_sent = 0
-        self.holes_received = 0
-        # receive side
-        self._rx: deque[Any] = deque()  # memoryview/bytes chunks, Hole, or _EOF
-        self._rx_bytes = 0
-        self._rx_offset = 0  # bytes of _rx[0] already consumed
-        self._rx_eof = False
         self._rx_waiter: asyncio.Future[None] | None = None
-        self._window = proto.window if self.native else proto.legacy_rx_limit
-        self._consumed = 0  # consumed since the last CREDIT we granted
-        self._budget_released = False  # our queued bytes left the connection's total
-        self._grant_step = max(1, min(self._window // 2, self._window - STREAM_CHUNK))
-        self._over_limit = False
-        # send side
-        self._tx: deque[Any] = deque()  # (memoryview chunk) | (Hole) | _EOF | _FINISH
-        self._tx_bytes = 0
         self._tx_waiter: asyncio.Future[None] | None = None
-        self._credit = proto.peer_window if self.native else 0
-        self._chunk = STREAM_CHUNK
-        if self.native and 0 < proto.peer_window < STREAM_CHUNK:
-            self._chunk = proto.peer_window
-        self._scheduled = False
-        self._eof_sent = False
-        # control
         self._control_waiter: asyncio.Future[None] | None = None
-        self._finish_requested = False  # server: the client sent STREAM+OK
-        self._on_finish_request: Callable[[], None] | None = None
-        self._discard = False  # server handler returned: drop (and credit) further data
-        self._failing = False  # server: an error is queued behind the data
+        self._change_waiter: asyncio.Future[None] | None = None  # ``until``
         # event callbacks
         self._event_cb: Callable[[Stream, StreamEvent], None] | None = None
         self._event_mask = StreamEvent(0)
@@ -186,121 +95,158 @@ class Stream:
 
     # ------------------------------------------------------------------ info
     @property
+    def state(self) -> StreamState:
+        return self._core.state
+
+    @property
+    def error(self) -> StreamError | None:
+        return self._core.error
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._core.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._core.bytes_received
+
+    @property
+    def holes_sent(self) -> int:
+        return self._core.holes_sent
+
+    @property
+    def holes_received(self) -> int:
+        return self._core.holes_received
+
+    @property
     def closed(self) -> bool:
-        return self.state in (StreamState.FINISHED, StreamState.ABORTED, StreamState.FAILED)
+        return self._core.closed
 
     @property
     def at_eof(self) -> bool:
-        return self._rx_eof and (not self._rx or self._rx[0] is _EOF)
+        return self._core.at_eof
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet read."""
-        return self._rx_bytes
+        return self._core.rx_bytes
 
     def __repr__(self) -> str:
+        core = self._core
         role = "client" if self.is_client else "server"
         return (
-            f"<Stream {role} proc={self._proc} serial={self.serial} {self.state.value} "
-            f"sent={self.bytes_sent} received={self.bytes_received}>"
+            f"<Stream {role} proc={core.proc} serial={self.serial} {core.state.value} "
+            f"sent={core.bytes_sent} received={core.bytes_received}>"
         )
 
-    def _check(self) -> None:
-        if self.error is not None:
-            raise self.error
-        if self.closed:
-            raise _stream_error("stream is closed", ErrorCode.OPERATION_FAILED)
+    # ------------------------------------------------------------------ core events
+    # on_rx and on_tx run once per packet: the common case (nobody else watching) is
+    # two attribute checks, no further call.
+    def on_rx(self) -> None:
+        fut = self._rx_waiter
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        if self._change_waiter is not None or self._event_cb is not None:
+            self._changed()
+
+    def on_tx(self) -> None:
+        fut = self._tx_waiter
+        if fut is not None and self._core.tx_bytes < SEND_QUEUE_LIMIT and not fut.done():
+            fut.set_result(None)
+        if self._change_waiter is not None or self._event_cb is not None:
+            self._changed()
+
+    def on_confirm(self, err: StreamError | None) -> None:
+        fut = self._control_waiter
+        if fut is not None and not fut.done():
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
+
+    def on_finish_request(self) -> None:
+        self._changed()
+
+    def _changed(self) -> None:
+        fut = self._change_waiter
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        if self._event_cb is not None:
+            self._notify()
+
+    async def _until(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` holds, checked whenever the core reports a change
+        (used by the server's completion of a stream)."""
+        while not condition():
+            fut = self._loop.create_future()
+            self._change_waiter = fut
+            try:
+                await fut
+            finally:
+                self._change_waiter = None
 
     # ------------------------------------------------------------------ sending
-    def _send_room(self) -> int:
-        return SEND_QUEUE_LIMIT - self._tx_bytes
-
-    def _queue_chunk(self, chunk: Any, n: int) -> None:
-        self._tx.append(chunk)
-        self._tx_bytes += n
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if not self._scheduled and self._tx and self._sendable():
-            self._scheduled = True
-            self._proto.mark_ready(self)
-
-    def _sendable(self) -> bool:
-        head = self._tx[0]
-        if self.native and isinstance(head, memoryview | bytes):
-            return len(head) <= self._credit
-        return True
-
     async def _wait_send_room(self) -> None:
-        while self._tx_bytes >= SEND_QUEUE_LIMIT:
-            self._check()
-            fut = self._proto.loop.create_future()
+        core = self._core
+        while core.tx_bytes >= SEND_QUEUE_LIMIT:
+            core.check()
+            fut = self._loop.create_future()
             self._tx_waiter = fut
             try:
                 await fut
             finally:
                 self._tx_waiter = None
-        self._check()
-
-    def _check_send(self) -> None:
-        self._check()
-        if not self.can_send:
-            raise _stream_error("this stream does not send in this direction")
-        if self._eof_sent or self.state is not StreamState.OPEN:
-            raise _stream_error("stream already finished sending", ErrorCode.OPERATION_INVALID)
+        core.check()
 
     async def send(self, data: Buffer) -> None:
         """Send ``data`` (any bytes-like object), split into packets of at most 262120
         bytes; waits while the stream's send queue is full or (native mode) the peer has
         granted no credit.  Immutable data is sent without copying; mutable buffers are
         copied packet by packet, so they may be reused once this returns."""
-        self._check_send()
+        core = self._core
+        core.check_send()
         view = memoryview(data).cast("B")
         total = len(view)
         copy = not view.readonly
         pos = 0
-        chunk = self._chunk
+        chunk = core.chunk
+        queue = core.queue
         while pos < total:
-            if self._tx_bytes >= SEND_QUEUE_LIMIT and copy:
+            if core.tx_bytes >= SEND_QUEUE_LIMIT and copy:
                 await self._wait_send_room()
-                self._check_send()
+                core.check_send()
             n = min(chunk, total - pos)
             piece = view[pos : pos + n]
-            self._queue_chunk(bytes(piece) if copy else piece, n)
+            queue(bytes(piece) if copy else piece, n)
             pos += n
-        if self._tx_bytes >= SEND_QUEUE_LIMIT:
+        if core.tx_bytes >= SEND_QUEUE_LIMIT:
             await self._wait_send_room()
 
     def try_send(self, data: Buffer) -> int:
         """Queue as much of ``data`` as fits without waiting; returns the byte count.
         Raises ``BlockingIOError`` when nothing fits (libvirt's -2)."""
-        self._check_send()
+        core = self._core
+        core.check_send()
         view = memoryview(data).cast("B")
-        room = self._send_room()
-        if self.native:
-            room = min(room, max(0, self._credit - self._tx_bytes))
+        room = SEND_QUEUE_LIMIT - core.tx_bytes
+        if core.native:
+            room = min(room, max(0, core.credit - core.tx_bytes))
         if room <= 0 or not view:
             if not view:
                 return 0
             raise BlockingIOError("stream send queue is full")
         total = min(room, len(view))
         pos = 0
+        chunk = core.chunk
         while pos < total:
-            n = min(self._chunk, total - pos)
-            self._queue_chunk(bytes(view[pos : pos + n]), n)
+            n = min(chunk, total - pos)
+            core.queue(bytes(view[pos : pos + n]), n)
             pos += n
         return total
 
     async def send_hole(self, length: int) -> None:
         """Tell the receiver to skip ``length`` bytes (sparse streams only)."""
-        self._check_send()
-        if not self.sparse:
-            raise _stream_error(
-                "holes are only allowed on sparse streams", ErrorCode.OPERATION_INVALID
-            )
-        if length <= 0:
-            raise ValueError("hole length must be positive")
-        self._queue_chunk(Hole(length), 0)
+        self._core.queue_hole(length)
         await self._wait_send_room()
 
     async def send_all(self, source: Source, *, chunk_size: int = STREAM_CHUNK) -> int:
@@ -333,316 +279,31 @@ class Stream:
                 total += len(data)
         return total
 
-    def next_packet(self, limit: int = STREAM_CHUNK) -> tuple[list[Buffer], int, bool] | None:
-        """Called by the connection when it flushes: this stream's next packet, with at
-        most ``limit`` payload bytes (smaller while calls want the path kept clear)."""
-        self._scheduled = False
-        tx = self._tx
-        if not tx or self._proto.transport is None:
-            return None
-        head = tx[0]
-        if isinstance(head, memoryview | bytes):
-            n = len(head)
-            split = n > limit
-            if split:
-                n = limit
-            if self.native and n > self._credit:
-                return None  # a CREDIT will reschedule us
-            if split:
-                view = memoryview(head)
-                tx[0] = view[n:]
-                head = view[:n]
-            else:
-                tx.popleft()
-            if self.native:
-                self._credit -= n
-            self._tx_bytes -= n
-            self.bytes_sent += n
-            out: list[Buffer] = [
-                pack_header(self._prog, self._vers, self._proc, _STREAM, self.serial, _CONTINUE, n),
-                head,
-            ]
-        elif isinstance(head, Hole):
-            tx.popleft()
-            self.holes_sent += 1
-            payload = xdr.encode(protocol.StreamHole, protocol.StreamHole(head.length, 0))
-            out = encode_message(
-                self._prog, self._vers, self._proc, _HOLE, self.serial, _CONTINUE, payload
-            )
-            n = len(payload)
-        elif isinstance(head, _ErrorItem):
-            tx.popleft()
-            out = encode_message(
-                self._prog, self._vers, self._proc, _STREAM, self.serial, _ERROR, head.payload
-            )
-            n = 0
-            self._terminate(StreamState.FAILED, None)
-        elif head is _EOF:
-            tx.popleft()
-            out = encode_message(
-                self._prog, self._vers, self._proc, _STREAM, self.serial, _CONTINUE
-            )
-            n = 0
-        else:  # _FINISH
-            tx.popleft()
-            out = encode_message(self._prog, self._vers, self._proc, _STREAM, self.serial, _OK)
-            n = 0
-        waiter = self._tx_waiter
-        if waiter is not None and self._tx_bytes < SEND_QUEUE_LIMIT and not waiter.done():
-            waiter.set_result(None)
-        more = bool(tx) and self._sendable()
-        self._scheduled = more
-        if self._event_cb is not None:
-            self._notify()
-        return out, n, more
-
-    def on_credit(self, amount: int) -> None:
-        self._credit += amount
-        if not self._scheduled:
-            self._schedule()
-        if self._event_cb is not None:
-            self._notify()
-
     # ------------------------------------------------------------------ receiving
-    def on_packet(self, msg: Message) -> None:
-        """Route one STREAM / STREAM_HOLE packet of this stream (called by the core)."""
-        mtype = msg.type
-        status = msg.status
-        if mtype == _STREAM and status == _CONTINUE:
-            payload = msg.payload
-            n = len(payload)
-            if self._rx_eof:
-                self._fail_local("data after end of stream")
-                return
-            if not self.can_recv:
-                self._fail_local("data received in the wrong direction")
-                return
-            if n == 0:
-                self._rx_eof = True
-                self._rx.append(_EOF)
-            elif self._failing:
-                return  # the peer is about to get our error
-            elif self._discard:
-                self.bytes_received += n
-                self._rx_bytes += n
-                self._proto.rx_buffered += n
-                self._consume(n)
-                return
-            else:
-                self._rx.append(payload)
-                self._rx_bytes += n
-                self._proto.rx_buffered += n
-                self.bytes_received += n
-                if self._rx_bytes > self._window:
-                    if self.native:
-                        self._fail_local(
-                            f"peer exceeded the flow-control window ({self._window} bytes)"
-                        )
-                        return
-                    if not self._over_limit:
-                        self._over_limit = True
-                        self._proto.stream_over_limit(self, True)
-            self._wake_reader()
-        elif mtype == _HOLE:
-            if not self.sparse:
-                self._fail_local("Unexpected stream hole")
-                return
-            try:
-                hole = xdr.decode(protocol.StreamHole, msg.payload)
-            except XdrError as exc:
-                self._fail_local(f"malformed stream hole: {exc}")
-                return
-            if hole.length <= 0 or hole.flags != 0:
-                self._fail_local(f"invalid stream hole (length {hole.length}, flags {hole.flags})")
-                return
-            self._rx.append(Hole(hole.length))
-            self.holes_received += 1
-            self._wake_reader()
-        elif status == _OK:
-            self._on_ok()
-        else:  # ERROR
-            self._on_error(msg.payload)
-
-    def _on_ok(self) -> None:
-        if self.is_client:
-            fut = self._control_waiter
-            if fut is None or fut.done():
-                raise ProtocolError(f"stream confirmation for serial {self.serial} answers nothing")
-            fut.set_result(None)
-            return
-        # Server: the client finished (upload end marker, or done reading a download).
-        if self._finish_requested:
-            raise ProtocolError(f"second finish request on stream serial {self.serial}")
-        self._finish_requested = True
-        if not self._rx_eof:
-            self._rx_eof = True
-            self._rx.append(_EOF)
-        self._wake_reader()
-        if self._on_finish_request is not None:
-            self._on_finish_request()
-
-    def _on_error(self, payload: Buffer) -> None:
-        if self.is_client:
-            try:
-                err = protocol.decode_error(payload, StreamError) if len(payload) else None
-            except XdrError as exc:
-                raise ProtocolError(f"malformed stream error: {exc}") from None
-            if err is None:
-                err = _stream_error("stream aborted by the server")
-            assert isinstance(err, StreamError)
-            self._terminate(StreamState.FAILED, err)
-            fut = self._control_waiter
-            if fut is not None and not fut.done():
-                fut.set_exception(err)
-            return
-        # Server: the client aborted.  Confirm with STREAM+OK, as libvirt does.
-        self._control(_OK)
-        self._terminate(
-            StreamState.ABORTED,
-            _stream_error("stream aborted by the client", ErrorCode.OPERATION_ABORTED),
-        )
-
-    def _control(self, status: int, payload: bytes = b"") -> None:
-        """Queue a STREAM control packet (finish/abort/error) ahead of all data."""
-        self._proto.queue_urgent(
-            encode_message(
-                self._prog, self._vers, self._proc, _STREAM, self.serial, status, payload
-            )
-        )
-
-    def _fail_local(self, reason: str) -> None:
-        """This end detected a stream-level error: tell the peer and fail the stream."""
-        err = _stream_error(reason)
-        log.warning("stream %s from %s: %s", self.serial, self._proto.peer, reason)
-        if self.is_client:
-            # Clients abort with an empty STREAM+ERROR; the confirmation is ignored.
-            self._control(_ERROR)
-        else:
-            self._control(_ERROR, protocol.encode_error(err))
-        self._terminate(StreamState.FAILED, err)
-
-    def _terminate(self, state: StreamState, err: StreamError | None) -> None:
-        if self.closed:
-            return
-        self.state = state
-        if err is not None and self.error is None:
-            self.error = err
-        self._tx.clear()
-        self._tx_bytes = 0
-        self._proto.streams.pop(self.key, None)
-        self._proto.stream_closed(self)
-        if not self._budget_released:
-            # What is still queued (it may yet be read) no longer counts against the
-            # connection: this stream will never be granted credit again.
-            self._budget_released = True
-            self._proto.rx_buffered -= self._rx_bytes
-        if self._over_limit:
-            self._over_limit = False
-            self._proto.stream_over_limit(self, False)
-        self._wake_reader()
-        if self._tx_waiter is not None and not self._tx_waiter.done():
-            self._tx_waiter.set_result(None)
-        if self._on_finish_request is not None:
-            self._on_finish_request()
-        if self._event_cb is not None:
-            self._notify()
-
-    def connection_lost(self, exc: BaseException) -> None:
-        err = _stream_error(f"connection lost: {exc}", ErrorCode.OPERATION_FAILED)
-        err.__cause__ = exc
-        fut = self._control_waiter
-        self._terminate(StreamState.FAILED, err)
-        if fut is not None and not fut.done():
-            fut.set_exception(err)
-
-    def _wake_reader(self) -> None:
-        fut = self._rx_waiter
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-        if self._event_cb is not None:
-            self._notify()
-
     async def _wait_readable(self) -> None:
-        while not self._rx:
-            if self.error is not None:
-                raise self.error
-            if self.closed:
-                raise _stream_error("stream is closed", ErrorCode.OPERATION_FAILED)
-            fut = self._proto.loop.create_future()
+        core = self._core
+        while not core.rx:
+            if core.error is not None:
+                raise core.error
+            if core.closed:
+                raise stream_error("stream is closed", ErrorCode.OPERATION_FAILED)
+            fut = self._loop.create_future()
             self._rx_waiter = fut
             try:
                 await fut
             finally:
                 self._rx_waiter = None
 
-    def _consume(self, n: int) -> None:
-        self._rx_bytes -= n
-        proto = self._proto
-        if not self._budget_released:
-            proto.rx_buffered -= n
-        if self._over_limit and self._rx_bytes <= self._window // 2:
-            self._over_limit = False
-            proto.stream_over_limit(self, False)
-        if self.native and not self.closed:
-            self._consumed += n
-            # Grant in half-window steps (h2, yamux, SSH do the same): few CREDIT
-            # messages, and the sender never runs dry while one is in flight.
-            if self._consumed >= self._grant_step:
-                self._grant()
-        if proto.deferred_grants and proto.rx_buffered <= proto.rx_budget:
-            waiting = proto.deferred_grants
-            proto.deferred_grants = []
-            for stream in waiting:
-                stream._grant()
-
-    def _grant(self) -> None:
-        if self.closed or not self._consumed:
-            return
-        proto = self._proto
-        if proto.rx_buffered > proto.rx_budget:
-            # The connection as a whole holds too much unread data: grant nothing more
-            # until some reader catches up (connection-wide memory budget).
-            if self not in proto.deferred_grants:
-                proto.deferred_grants.append(self)
-            return
-        amount = self._consumed
-        self._consumed = 0
-        payload = _CREDIT.pack(self._prog, self._vers, self._proc, self.serial, amount)
-        self._proto.queue_urgent(
-            encode_message(
-                CONTROL_PROGRAM, CONTROL_VERSION, CONTROL_CREDIT, _MESSAGE, 0, _OK, payload
-            )
-        )
-
-    def _take(self, maximum: int | None) -> Any:
-        """Pop the next item (data view, Hole or _EOF), at most ``maximum`` data bytes."""
-        head = self._rx[0]
-        if head is _EOF:
-            return _EOF
-        if isinstance(head, Hole):
-            self._rx.popleft()
-            return head
-        off = self._rx_offset
-        avail = len(head) - off
-        if maximum is None or maximum >= avail:
-            self._rx.popleft()
-            self._rx_offset = 0
-            piece = head if off == 0 else memoryview(head)[off:]
-            self._consume(avail)
-            return memoryview(piece) if not isinstance(piece, memoryview) else piece
-        self._rx_offset = off + maximum
-        self._consume(maximum)
-        return memoryview(head)[off : off + maximum]
-
     async def recv_chunk(self, maximum: int | None = None) -> memoryview | Hole:
         """The next piece of the stream, without copying: a ``memoryview`` of data, a
         ``Hole`` (sparse streams), or an empty memoryview at EOF."""
-        if not self.can_recv:
-            raise _stream_error("this stream does not receive in this direction")
-        if not self._rx:
+        core = self._core
+        if not core.can_recv:
+            core.check_recv()
+        if not core.rx:
             await self._wait_readable()
-        item = self._take(maximum)
-        if item is _EOF:
+        item = core.take(maximum)
+        if item is EOF:
             return memoryview(b"")
         return item  # type: ignore[no-any-return]
 
@@ -653,33 +314,24 @@ class Stream:
             raise ValueError("maximum must be positive")
         item = await self.recv_chunk(maximum)
         if isinstance(item, Hole):
-            return self._hole_as_zeros(item, maximum)
+            return bytes(self._core.take_hole(item, maximum))
         return bytes(item)
-
-    def _hole_as_zeros(self, hole: Hole, maximum: int) -> bytes:
-        n = min(hole.length, maximum)
-        if hole.length > n:
-            self._rx.appendleft(Hole(hole.length - n))
-        return bytes(n)
 
     def try_recv(self, maximum: int = STREAM_CHUNK) -> bytes:
         """Like ``recv`` without waiting; raises ``BlockingIOError`` when nothing is
         buffered (libvirt's -2)."""
-        self._check_recv_ready()
-        if not self._rx:
+        core = self._core
+        core.check_recv()
+        if not core.rx:
+            if core.error is not None:
+                raise core.error
             raise BlockingIOError("no stream data buffered")
-        item = self._take(maximum)
-        if item is _EOF:
+        item = core.take(maximum)
+        if item is EOF:
             return b""
         if isinstance(item, Hole):
-            return self._hole_as_zeros(item, maximum)
+            return bytes(core.take_hole(item, maximum))
         return bytes(item)
-
-    def _check_recv_ready(self) -> None:
-        if not self.can_recv:
-            raise _stream_error("this stream does not receive in this direction")
-        if not self._rx and self.error is not None:
-            raise self.error
 
     def __aiter__(self) -> AsyncIterator[memoryview | Hole]:
         return self._iterate()
@@ -725,29 +377,18 @@ class Stream:
     # ------------------------------------------------------------------ ending
     def send_eof(self) -> None:
         """Signal end of data (downloads, and each direction of a two-way stream)."""
-        self._check()
-        if not self._eof_sent:
-            self._eof_sent = True
-            self._queue_chunk(_EOF, 0)
+        self._core.queue_eof()
 
     async def finish(self) -> None:
         """The finish handshake; raises ``StreamError`` with the peer's reason if the
         transfer failed anywhere (this is where asynchronous errors surface)."""
-        self._check()
-        if not self.is_client:
-            raise _stream_error(
-                "a server finishes a stream by returning from its handler",
-                ErrorCode.OPERATION_INVALID,
-            )
-        if self.state is not StreamState.OPEN:
-            raise _stream_error("finish already in progress", ErrorCode.OPERATION_INVALID)
-        self.state = StreamState.FINISHING
-        fut: asyncio.Future[None] = self._proto.loop.create_future()
+        core = self._core
+        core.start_finish()
+        fut: asyncio.Future[None] = self._loop.create_future()
         self._control_waiter = fut
-        self._queue_chunk(_FINISH, 0)
         await fut  # raises the peer's StreamError if the transfer failed anywhere
         self._control_waiter = None
-        self._terminate(StreamState.FINISHED, None)
+        core.terminate(StreamState.FINISHED, None)
 
     async def abort(
         self, reason: str | None = None, *, timeout: float | None = ABORT_TIMEOUT
@@ -757,88 +398,23 @@ class Stream:
         STREAM+ERROR carrying ``reason``.  Either way the stream is aborted locally when
         this returns.  Cancelling the task that waits here cancels it as usual (the
         stream is still marked aborted)."""
-        if self.closed:
+        core = self._core
+        if core.closed:
             return
-        err = _stream_error(reason or "stream aborted", ErrorCode.OPERATION_ABORTED)
-        self._tx.clear()
-        self._tx_bytes = 0
+        err = core.start_abort(reason)
         if not self.is_client:
-            self._control(_ERROR, protocol.encode_error(err))
-            self._terminate(StreamState.ABORTED, err)
             return
         fut = self._control_waiter
         if fut is None or fut.done():
-            fut = self._proto.loop.create_future()
+            fut = self._loop.create_future()
             self._control_waiter = fut
-        self.state = StreamState.FINISHING
-        self._control(_ERROR)
         try:
             async with asyncio.timeout(timeout):
                 await fut
         except (StreamError, TimeoutError):
             pass  # the peer answered with an error, or not at all: aborted either way
         finally:
-            self._terminate(StreamState.ABORTED, err)
-
-    def server_fail(self, exc: RPCError) -> None:
-        """Server side: end the stream with ``exc``.  The STREAM+ERROR carrying it goes
-        out after the data already sent, as libvirt's daemon orders it; from now on every
-        operation on this end raises it and incoming data is dropped."""
-        if self.closed or self._failing:
-            return
-        if isinstance(exc, StreamError):
-            err = exc
-        else:
-            err = StreamError(
-                exc.message,
-                code=exc.code,
-                domain=exc.domain,
-                level=exc.level,
-                str1=exc.str1,
-                str2=exc.str2,
-                str3=exc.str3,
-                int1=exc.int1,
-                int2=exc.int2,
-            )
-        self.error = err
-        self._failing = True
-        self._discard = True
-        self._queue_chunk(_ErrorItem(protocol.encode_error(err)), 0)
-        self._wake_reader()
-
-    async def server_complete(self) -> None:
-        """Server side, after the handler returned: send EOF if we send, wait for the
-        client's finish (STREAM+OK), drain what it sent, and confirm with STREAM+OK."""
-        if self.closed:
-            return
-        if self.can_send and not self._eof_sent:
-            self.send_eof()
-        # Data the handler did not read is dropped (and credited, so nothing stalls).
-        self._discard = True
-        while self._rx and self._rx[0] is not _EOF:
-            self._take(None)
-        if not self._finish_requested:
-            fut: asyncio.Future[None] = self._proto.loop.create_future()
-
-            def done() -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            self._on_finish_request = done
-            await fut
-            self._on_finish_request = None
-        if self.closed:
-            return
-        # The confirmation must follow any data still queued: put it in the stream queue.
-        self._queue_chunk(_FINISH, 0)
-        while self._tx and not self.closed:
-            fut2: asyncio.Future[None] = self._proto.loop.create_future()
-            self._tx_waiter = fut2
-            try:
-                await fut2
-            finally:
-                self._tx_waiter = None
-        self._terminate(StreamState.FINISHED, None)
+            core.terminate(StreamState.ABORTED, err)
 
     # ------------------------------------------------------------------ context manager
     async def __aenter__(self) -> Stream:
@@ -855,18 +431,21 @@ class Stream:
 
     # ------------------------------------------------------------------ event callbacks
     def _levels(self) -> StreamEvent:
+        core = self._core
         ev = StreamEvent(0)
-        if self._rx or (self.closed and self.can_recv):
+        closed = core.closed
+        if core.rx or (closed and self.can_recv):
             ev |= StreamEvent.READABLE
-        if self.can_send and self.state is StreamState.OPEN and not self._eof_sent:
-            room = self._send_room()
-            if self.native:
-                room = min(room, self._credit - self._tx_bytes)
-            if room > 0:
-                ev |= StreamEvent.WRITABLE
-        if self.error is not None:
+        if (
+            self.can_send
+            and core.state is StreamState.OPEN
+            and not core.eof_sent
+            and core.send_room() > 0
+        ):
+            ev |= StreamEvent.WRITABLE
+        if core.error is not None:
             ev |= StreamEvent.ERROR
-        if self._rx_eof or self.closed:
+        if core.rx_eof or closed:
             ev |= StreamEvent.HANGUP
         return ev
 
@@ -877,7 +456,7 @@ class Stream:
         (one callback per stream, as in libvirt).  Fired from the event loop on real
         state changes: data arriving, send room or credit appearing, errors, EOF."""
         if self._event_cb is not None:
-            raise _stream_error(
+            raise stream_error(
                 "multiple stream callbacks not supported", ErrorCode.OPERATION_INVALID
             )
         self._event_cb = callback
@@ -886,13 +465,13 @@ class Stream:
 
     def update_event_callback(self, events: StreamEvent) -> None:
         if self._event_cb is None:
-            raise _stream_error("no stream callback registered", ErrorCode.OPERATION_INVALID)
+            raise stream_error("no stream callback registered", ErrorCode.OPERATION_INVALID)
         self._event_mask = StreamEvent(events)
         self._notify()
 
     def remove_event_callback(self) -> None:
         if self._event_cb is None:
-            raise _stream_error("no stream callback registered", ErrorCode.OPERATION_INVALID)
+            raise stream_error("no stream callback registered", ErrorCode.OPERATION_INVALID)
         self._event_cb = None
         self._event_mask = StreamEvent(0)
         if self._event_handle is not None:
@@ -901,7 +480,11 @@ class Stream:
 
     def _notify(self) -> None:
         if self._event_handle is None and self._levels() & self._event_mask:
-            self._event_handle = self._proto.loop.call_soon(self._fire)
+            self._event_handle = self._loop.call_soon(self._fire)
+
+    def _progress(self) -> tuple[int, int, int, int]:
+        core = self._core
+        return (core.bytes_sent, core.bytes_received, core.tx_bytes, core.rx_bytes)
 
     def _fire(self) -> None:
         self._event_handle = None
@@ -911,13 +494,13 @@ class Stream:
         ready = self._levels() & self._event_mask
         if not ready:
             return
-        progress = (self.bytes_sent, self.bytes_received, self._tx_bytes, self._rx_bytes)
+        progress = self._progress()
         try:
             cb(self, ready)
         except Exception:
             log.exception("stream event callback %r failed", cb)
         # Level-triggered, but only while the callback makes progress: a callback that
         # ignores a ready event is called again on the next state change, not in a loop.
-        after = (self.bytes_sent, self.bytes_received, self._tx_bytes, self._rx_bytes)
-        if after != progress and not (ready & StreamEvent.HANGUP and self.closed):
+        if self._progress() != progress and not (ready & StreamEvent.HANGUP and self.closed):
             self._notify()
+

@@ -51,7 +51,7 @@ from ..errors import (
     RPCError,
     VirnetError,
 )
-from ..server import CallContext, Server, ServerConnection
+from ..server import CallContext, Server, ServerConnection, fail_stream
 from ..services import migration as m
 from ..stream import Hole, Stream
 from .paths import Root, fsync_directory, path_error, system_error
@@ -657,7 +657,7 @@ class IncomingJob:
             return False
         self.aborted = True
         if self.stream is not None:
-            self.stream.server_fail(_aborted(f"the migration of {self.name!r} was aborted"))
+            fail_stream(self.stream, _aborted(f"the migration of {self.name!r} was aborted"))
         return True
 
 
