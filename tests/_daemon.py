@@ -69,14 +69,23 @@ class Virnetd:
         raise AssertionError("no VmRSS in /proc status")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self._reader)
+
+
+def stop_process(
+    proc: subprocess.Popen[str], reader: threading.Thread | None = None
+) -> int:
+    """SIGTERM, then SIGKILL after ``STOP_TIMEOUT`` s; join the thread reading its stderr
+    and close the pipe; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if reader is not None:
+        reader.join(5)
+    if proc.stderr is not None:
+        proc.stderr.close()
+    return proc.returncode

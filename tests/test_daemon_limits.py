@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import virnet
+from _daemon import stop_process
 from _rpcutil import remove_tree, short_tmpdir
 from virnet import server as server_module
 from virnet.services import files as f
@@ -95,17 +96,7 @@ class Daemon:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self._reader)
 
 
 @pytest.fixture(params=["uvloop", "asyncio"])
