@@ -22,7 +22,7 @@ class Virnetd:
         self.sock = os.path.join(directory, "d.sock")
         self.uri = f"unix://{self.sock}"
         env = dict(os.environ, VIRNET_LOOP=loop)
-        for var in ("VIRNET_ROOT", "VIRNET_SOCKET", "VIRNET_DEFAULT_URI"):
+        for var in ("VIRNET_ROOT", "VIRNET_SOCKET", "VIRNET_DEFAULT_URI", "LISTEN_PID"):
             env.pop(var, None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "virnet.daemon", "--listen", self.uri, "--root", root,

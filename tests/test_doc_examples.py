@@ -16,16 +16,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from _daemon import Virnetd
 from _rpcutil import remove_tree, short_tmpdir
 
 TOP = Path(__file__).resolve().parent.parent
@@ -82,29 +81,18 @@ def test_every_example_compiles_and_few_are_not_run() -> None:
 def daemon() -> Iterator[tuple[str, Path]]:
     """A virnetd for one example: its URI and an empty directory to run the example in."""
     tmp = Path(short_tmpdir())
-    sock = tmp / "d.sock"
-    env = dict(os.environ)
-    for var in ("VIRNET_ROOT", "VIRNET_SOCKET", "VIRNET_DEFAULT_URI", "LISTEN_PID"):
-        env.pop(var, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "virnet.daemon", "--listen", f"unix://{sock}",
-         "--root", str(tmp / "root"),
-         "--console", "shell=env 'PS1=shell$ ' /bin/sh -i",
-         "--console", "raw=sh -c 'stty raw -echo && exec cat'"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, env=env,
-    )
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "virnetd did not start"
-            time.sleep(0.02)
-        (tmp / "work").mkdir()
-        yield f"unix://{sock}", tmp / "work"
+        d = Virnetd(
+            str(tmp), str(tmp / "root"),
+            "--console", "shell=env 'PS1=shell$ ' /bin/sh -i",
+            "--console", "raw=sh -c 'stty raw -echo && exec cat'",
+        )
+        try:
+            (tmp / "work").mkdir()
+            yield d.uri, tmp / "work"
+        finally:
+            d.stop()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=20)
         remove_tree(str(tmp))
 
 
