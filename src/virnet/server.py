@@ -501,8 +501,7 @@ class Server:
         self.limits = limits.replace(**changes) if changes else limits
         self.blocking_workers = blocking_workers
         self.long_workers = long_workers
-        self._pools: dict[bool, BlockingPool] = {}  # long? -> pool, made on first use
-        self._paused_owners: set[Hashable] = set()
+        self._pools: dict[bool, BlockingPool] = {}  # long? -> pool (``_blocking_pools``)
         self.programs: dict[tuple[int, int], Program] = {}
         self.handlers: dict[tuple[int, int, int], _Registration] = {}
         self.connections: set[ServerConnection] = set()
@@ -519,22 +518,24 @@ class Server:
         """``fn(*args)`` in a worker thread.  Each ``owner`` (a connection) has a queue
         of its own and the workers serve the owners in turn, so one client's burst
         delays another's call by at most one call per busy client."""
-        pool = self._pools.get(long)
-        if pool is None:
-            workers = self.long_workers if long else self.blocking_workers
-            pool = self._pools[long] = BlockingPool(asyncio.get_running_loop(), workers)
-            for paused in self._paused_owners:
-                pool.pause(paused)
-        return pool.run(fn, *args, owner=owner)
+        return self._blocking_pools()[long].run(fn, *args, owner=owner)
+
+    def _blocking_pools(self) -> dict[bool, BlockingPool]:
+        """Both pools (quick: False, long: True), made together on first use on the
+        serving loop, so that a pause reaches every pool there will be.  Their threads
+        start with their first job."""
+        if not self._pools:
+            loop = asyncio.get_running_loop()
+            self._pools[False] = BlockingPool(loop, self.blocking_workers)
+            self._pools[True] = BlockingPool(loop, self.long_workers)
+        return self._pools
 
     def pause_owner(self, owner: Hashable) -> None:
         """Start none of ``owner``'s blocking jobs until ``resume_owner``."""
-        self._paused_owners.add(owner)
-        for pool in self._pools.values():
+        for pool in self._blocking_pools().values():
             pool.pause(owner)
 
     def resume_owner(self, owner: Hashable) -> None:
-        self._paused_owners.discard(owner)
         for pool in self._pools.values():
             pool.resume(owner)
 
