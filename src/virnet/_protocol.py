@@ -67,6 +67,12 @@ LEAN_SOCKET_BUFFER = 96 * 1024
 #: 0.82-0.86 with 4 MiB.  Lean mode still shrinks it while calls are served, so what it
 #: holds ahead of a reply is bounded by the time the first lean flush happens.
 BULK_SOCKET_BUFFER = 4 * 1024 * 1024
+#: Calls (client) or replies (server) made in one go are written once this many buffers
+#: (about 16 small packets) are queued, not only when the whole run is done: the peer
+#: starts on the first ones while we make the rest, so the two processes overlap instead
+#: of taking turns.  64 calls in flight went from 0.34x to 0.67x of the minimal echo in
+#: ``bench/latency.py`` with it (8 to 32 packets did about as well; 4 worse).
+OUTPUT_BATCH = 32
 #: Linux doubles the ``SO_SNDBUF`` asked for (and reports the doubled size).
 _SNDBUF_SCALE = 2 if sys.platform.startswith("linux") else 1
 
@@ -88,9 +94,14 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._flush_handle: asyncio.Handle | None = None
+        #: Set while queuing a packet that the caller writes itself right after
+        #: (``send_call_now``, ``send_reply_now``): scheduling a flush only to cancel it
+        #: would cost the loop an extra turn (an extra ``epoll_wait``) per call.
+        self._writing_now = False
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._lean_until = 0.0  # loop time until which the connection stays lean; 0: bulk
+        self._lean_renewed = False  # note_interactive since the last flush: renew the hold
         self._unix_sock: socket.socket | None = None  # its send buffer shrinks while lean
         self._bulk_sndbuf = 0  # SO_SNDBUF (as read back) to restore after lean mode
         self._reading_paused = False
@@ -241,7 +252,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ output
     def on_output(self) -> None:
-        if self._flush_handle is None and self.transport is not None:
+        if self._flush_handle is None and not self._writing_now and self.transport is not None:
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def defer_flush(self) -> None:
@@ -256,20 +267,53 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
     def flush_now(self) -> None:
         """Write what is queued at once instead of at the next loop iteration (a lone
         call: nothing to batch it with, so waiting would only add latency)."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
             self._flush()
+        elif self.has_output():  # queued by ``send_call_now``/``send_reply_now``
+            self._flush()
+
+    def send_call_now(self, prog: int, vers: int, proc: int, payload: Buffer) -> int:
+        """``send_call``, written at once (a lone call: nothing to batch it with)."""
+        self._writing_now = True
+        try:
+            serial = self.send_call(prog, vers, proc, payload)
+        finally:
+            self._writing_now = False
+        self.flush_now()
+        return serial
+
+    def send_reply_now(
+        self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer
+    ) -> None:
+        """``send_reply``, for a caller that calls ``flush_now`` next, with nothing that
+        can suspend in between."""
+        self._writing_now = True
+        try:
+            self.send_reply(prog, vers, proc, serial, status, payload)
+        finally:
+            self._writing_now = False
+
+    def flush_if_batched(self) -> None:
+        """Write what is queued now if a batch's worth of calls or replies is waiting
+        (``OUTPUT_BATCH``)."""
+        if self.urgent_backlog() >= OUTPUT_BATCH:
+            self.flush_now()
 
     def note_interactive(self) -> None:
         """A call was sent or is being served, or an event sent: run lean for the next
-        ``LEAN_HOLD`` seconds."""
+        ``LEAN_HOLD`` seconds.  Once lean, the hold is renewed by the next flush (one
+        clock read per flush, not per call)."""
+        if self._lean_until:
+            self._lean_renewed = True
+            return
         transport = self.transport
         if transport is None:
             return
-        if not self._lean_until:
-            # May pause writing at once: stream data already buffered is enough.
-            transport.set_write_buffer_limits(high=LEAN_HIGH_WATER, low=LEAN_LOW_WATER)
-            self._set_sndbuf(lean=True)
+        # May pause writing at once: stream data already buffered is enough.
+        transport.set_write_buffer_limits(high=LEAN_HIGH_WATER, low=LEAN_LOW_WATER)
+        self._set_sndbuf(lean=True)
         self._lean_until = self.loop.time() + LEAN_HOLD
 
     def _grow_sndbuf(self, sock: socket.socket) -> None:
@@ -313,7 +357,11 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         budget = FLUSH_BUDGET
         packet_limit = STREAM_CHUNK
         if self._lean_until:
-            if self.loop.time() < self._lean_until:
+            now = self.loop.time()
+            if self._lean_renewed:
+                self._lean_renewed = False
+                self._lean_until = now + LEAN_HOLD
+            if now < self._lean_until:
                 budget = LEAN_FLUSH_BUDGET
                 packet_limit = LEAN_PACKET_LIMIT
             else:

@@ -120,11 +120,18 @@ class Client:
         else:
             # The common case inline (no deadline): one coroutine frame less per call.
             fut: asyncio.Future[tuple[int, Buffer]] = proto.loop.create_future()
-            serial = proto.send_call(prog.number, prog.version, procedure.number, packer.getvalue())
-            proto.waiters[serial] = fut
+            waiters = proto.waiters
             proto.note_interactive()
-            if len(proto.waiters) == 1:
-                proto.flush_now()  # a lone call: nothing to batch it with
+            if waiters:
+                serial = proto.send_call(
+                    prog.number, prog.version, procedure.number, packer.getvalue()
+                )
+                proto.flush_if_batched()
+            else:  # a lone call: nothing to batch it with
+                serial = proto.send_call_now(
+                    prog.number, prog.version, procedure.number, packer.getvalue()
+                )
+            waiters[serial] = fut
             try:
                 status, data = await fut
             except asyncio.CancelledError:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast, overload
+from typing import Any, Generic, TypeVar, overload
 
 from . import xdr
+from ._impl import Packer, Unpacker
 from .xdr import XdrType
 
 
@@ -44,17 +45,29 @@ class Procedure(Generic[A, R]):
     ret: XdrType[R]
     stream: StreamDirection | None = None
 
+    # The four codecs go straight to the Packer/Unpacker: ``args`` and ``ret`` are
+    # resolved XDR types already, and these run once per call on both sides.
     def encode_args(self, value: A) -> bytes:
-        return xdr.encode(self.args, value)
+        packer = Packer()
+        self.args.pack(packer, value)
+        return packer.getvalue()
 
     def decode_args(self, data: bytes | bytearray | memoryview) -> A:
-        return cast(A, xdr.decode(self.args, data))
+        unpacker = Unpacker(data)
+        value = self.args.unpack(unpacker)
+        unpacker.done()
+        return value
 
     def encode_ret(self, value: R) -> bytes:
-        return xdr.encode(self.ret, value)
+        packer = Packer()
+        self.ret.pack(packer, value)
+        return packer.getvalue()
 
     def decode_ret(self, data: bytes | bytearray | memoryview) -> R:
-        return cast(R, xdr.decode(self.ret, data))
+        unpacker = Unpacker(data)
+        value = self.ret.unpack(unpacker)
+        unpacker.done()
+        return value
 
     def __repr__(self) -> str:
         return f"<Procedure {self.program.name}.{self.name} ({self.number})>"

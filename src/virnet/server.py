@@ -197,6 +197,7 @@ class ServerConnection(RPCProtocol):
         super().__init__(is_client=False, limits=server.limits)
         self.server = server
         self.readonly = readonly
+        self._handlers = server.handlers  # the server's own table, read once per call
         # Calls run on a pool of worker tasks (at most max_calls), reused from call to
         # call: creating a task per call was a quarter of the server's time.
         self.workers: set[asyncio.Task[None]] = set()
@@ -295,6 +296,7 @@ class ServerConnection(RPCProtocol):
                     self._maybe_idle()
                     if task is not None:
                         self.stream_tasks.discard(task)
+                self.flush_if_batched()
             # The queue is drained: send the replies now, in one write, rather than a
             # loop iteration later.
             self.flush_now()
@@ -373,21 +375,10 @@ class ServerConnection(RPCProtocol):
         )
 
     async def _dispatch(self, msg: Message) -> None:
-        if msg.status != _OK:
-            self.reply_error(msg, _rpc_error(f"Unexpected message status {msg.status}"))
-            return
-        if msg.prog == CONTROL_PROGRAM and msg.vers == CONTROL_VERSION:
-            self._control_call(msg)
-            return
-        program = self.server.programs.get((msg.prog, msg.vers))
-        if program is None:
-            self.reply_error(
-                msg, _rpc_error(f"Cannot find program {msg.prog} version {msg.vers}")
-            )
-            return
-        reg = self.server.handlers.get((msg.prog, msg.vers, msg.proc))
-        if reg is None:
-            self.reply_error(msg, _rpc_error(f"unknown procedure: {msg.proc}"))
+        # One lookup on the way of an ordinary call; everything else is ``_unroutable``.
+        reg = self._handlers.get((msg.prog, msg.vers, msg.proc))
+        if reg is None or msg.status != _OK:
+            self._unroutable(msg)
             return
         proc = reg.procedure
         if proc.stream is None:
@@ -396,7 +387,7 @@ class ServerConnection(RPCProtocol):
             self.reply_error(
                 msg,
                 RPCError(
-                    f"operation {program.name}.{proc.name} forbidden on a read only "
+                    f"operation {proc.program.name}.{proc.name} forbidden on a read only "
                     "connection",
                     code=ErrorCode.OPERATION_DENIED,
                     domain=ErrorDomain.RPC,
@@ -409,7 +400,7 @@ class ServerConnection(RPCProtocol):
             self.reply_error(
                 msg,
                 RPCError(
-                    f"invalid arguments for {program.name}.{proc.name}: {exc}",
+                    f"invalid arguments for {proc.program.name}.{proc.name}: {exc}",
                     code=ErrorCode.RPC,
                     domain=ErrorDomain.RPC,
                 ),
@@ -434,12 +425,12 @@ class ServerConnection(RPCProtocol):
                 )
             raise
         except Exception as exc:
-            log.exception("handler for %s.%s failed", program.name, proc.name)
+            log.exception("handler for %s.%s failed", proc.program.name, proc.name)
             self._fail_call(
                 msg,
                 ctx,
                 RPCError(
-                    f"internal error in {program.name}.{proc.name}: {type(exc).__name__}",
+                    f"internal error in {proc.program.name}.{proc.name}: {type(exc).__name__}",
                     code=ErrorCode.INTERNAL_ERROR,
                     domain=ErrorDomain.RPC,
                 ),
@@ -448,7 +439,25 @@ class ServerConnection(RPCProtocol):
         if ctx.stream is not None:
             await complete_stream(ctx.stream)
             return
-        self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
+        if self.waiting:
+            self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
+        else:
+            # The run's last call: ``_worker`` writes the reply as soon as this returns.
+            self.send_reply_now(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
+
+    def _unroutable(self, msg: Message) -> None:
+        """A CALL with a bad status, for VIRNET_CONTROL, or for a program or procedure
+        not registered: answered here (HELLO), or with the error libvirt would give."""
+        if msg.status != _OK:
+            self.reply_error(msg, _rpc_error(f"Unexpected message status {msg.status}"))
+        elif msg.prog == CONTROL_PROGRAM and msg.vers == CONTROL_VERSION:
+            self._control_call(msg)
+        elif (msg.prog, msg.vers) not in self.server.programs:
+            self.reply_error(
+                msg, _rpc_error(f"Cannot find program {msg.prog} version {msg.vers}")
+            )
+        else:
+            self.reply_error(msg, _rpc_error(f"unknown procedure: {msg.proc}"))
 
     def _fail_call(self, msg: Message, ctx: CallContext, exc: RPCError) -> None:
         """An error before the stream was accepted is the call's error reply; after, it
