@@ -98,6 +98,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         #: (``send_call_now``, ``send_reply_now``): scheduling a flush only to cancel it
         #: would cost the loop an extra turn (an extra ``epoll_wait``) per call.
         self._writing_now = False
+        #: Replies were queued while a read was handled (``send_reply_after_read``):
+        #: write them when it is done.
+        self._flush_after_read = False
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._lean_until = 0.0  # loop time until which the connection stays lean; 0: bulk
@@ -137,6 +140,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self.abort_connection(exc)
             return
+        if self._flush_after_read:
+            self._flush_after_read = False
+            self.flush_now()
         if self.yield_read:
             self.yield_read = False
             if nbytes == self._read_size:
@@ -283,6 +289,26 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             self._writing_now = False
         self.flush_now()
         return serial
+
+    def feed(self, data: Buffer) -> None:
+        ConnectionCore.feed(self, data)
+        if self._flush_after_read:
+            self._flush_after_read = False
+            self.flush_now()
+
+    def send_reply_after_read(
+        self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer
+    ) -> None:
+        """``send_reply`` for a call answered while its read is handled: written with the
+        other replies of that read once it is done (one write per read, like the
+        simplest echo server), or at once when a batch is full; no flush is scheduled."""
+        self._writing_now = True
+        try:
+            self.send_reply(prog, vers, proc, serial, status, payload)
+        finally:
+            self._writing_now = False
+        self._flush_after_read = True
+        self.flush_if_batched()
 
     def send_reply_now(
         self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer

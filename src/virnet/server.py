@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ import stat
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from . import protocol, xdr
 from ._blocking import WORKERS as BLOCKING_WORKERS
@@ -52,7 +53,11 @@ _OK = int(MessageStatus.OK)
 _ERROR = int(MessageStatus.ERROR)
 
 Handler = Callable[["CallContext", Any], Awaitable[Any]]
+#: A handler that never waits may be a plain function: it runs as its call is read.
+InlineHandler = Callable[["CallContext", Any], Any]
+_REFUSED = object()  # _decode_call answered the call with an error already
 T = TypeVar("T")
+H = TypeVar("H", bound=Callable[..., Any])
 
 #: Worker threads for jobs that read whole files (checksums), apart from the quick ones.
 LONG_WORKERS = 2
@@ -74,8 +79,11 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 @dataclass(frozen=True)
 class _Registration:
     procedure: Procedure[Any, Any]
-    handler: Handler
+    handler: Handler | InlineHandler
     readonly: bool
+    #: A plain function (not a coroutine function): served as the call is read, with no
+    #: task to wake; the reply goes out with the others of the same read.
+    inline: bool
 
 
 class CallContext:
@@ -246,6 +254,10 @@ class ServerConnection(RPCProtocol):
     # ------------------------------------------------------------------ calls
     def on_call(self, msg: Message) -> None:
         self.yield_read = True
+        reg = self._handlers.get((msg.prog, msg.vers, msg.proc))
+        if reg is not None and reg.inline and msg.status == _OK and self._drained is None:
+            self._serve_inline(msg, reg)
+            return
         self.waiting.append(msg)
         self._ensure_worker()
         self.defer_flush()  # let the woken worker run (and reply) before more bulk data
@@ -380,35 +392,16 @@ class ServerConnection(RPCProtocol):
         if reg is None or msg.status != _OK:
             self._unroutable(msg)
             return
+        args = self._decode_call(msg, reg)
+        if args is _REFUSED:
+            return
         proc = reg.procedure
-        if proc.stream is None:
-            self.note_interactive()  # keep stream data from piling up ahead of the reply
-        if self.readonly and not reg.readonly:
-            self.reply_error(
-                msg,
-                RPCError(
-                    f"operation {proc.program.name}.{proc.name} forbidden on a read only "
-                    "connection",
-                    code=ErrorCode.OPERATION_DENIED,
-                    domain=ErrorDomain.RPC,
-                ),
-            )
-            return
-        try:
-            args = proc.decode_args(msg.payload)
-        except XdrError as exc:
-            self.reply_error(
-                msg,
-                RPCError(
-                    f"invalid arguments for {proc.program.name}.{proc.name}: {exc}",
-                    code=ErrorCode.RPC,
-                    domain=ErrorDomain.RPC,
-                ),
-            )
-            return
         ctx = CallContext(self, proc, msg.serial)
         try:
-            result = await reg.handler(ctx, args)
+            if reg.inline:  # queued while the client's replies drain (_pause_for_output)
+                result = _plain_result(proc, reg.handler(ctx, args))
+            else:
+                result = await cast(Handler, reg.handler)(ctx, args)
             if proc.stream is None:
                 payload = proc.encode_ret(result)
             elif ctx.stream is None:
@@ -425,16 +418,7 @@ class ServerConnection(RPCProtocol):
                 )
             raise
         except Exception as exc:
-            log.exception("handler for %s.%s failed", proc.program.name, proc.name)
-            self._fail_call(
-                msg,
-                ctx,
-                RPCError(
-                    f"internal error in {proc.program.name}.{proc.name}: {type(exc).__name__}",
-                    code=ErrorCode.INTERNAL_ERROR,
-                    domain=ErrorDomain.RPC,
-                ),
-            )
+            self._fail_call(msg, ctx, _handler_failed(proc, exc))
             return
         if ctx.stream is not None:
             await complete_stream(ctx.stream)
@@ -444,6 +428,54 @@ class ServerConnection(RPCProtocol):
         else:
             # The run's last call: ``_worker`` writes the reply as soon as this returns.
             self.send_reply_now(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
+
+    def _decode_call(self, msg: Message, reg: _Registration) -> Any:
+        """The call's arguments, or ``_REFUSED`` once it has been answered with an error
+        (a write procedure on a read-only listener, arguments that do not decode)."""
+        proc = reg.procedure
+        if proc.stream is None:
+            self.note_interactive()  # keep stream data from piling up ahead of the reply
+        if self.readonly and not reg.readonly:
+            self.reply_error(
+                msg,
+                RPCError(
+                    f"operation {proc.program.name}.{proc.name} forbidden on a read only "
+                    "connection",
+                    code=ErrorCode.OPERATION_DENIED,
+                    domain=ErrorDomain.RPC,
+                ),
+            )
+            return _REFUSED
+        try:
+            return proc.decode_args(msg.payload)
+        except XdrError as exc:
+            self.reply_error(
+                msg,
+                RPCError(
+                    f"invalid arguments for {proc.program.name}.{proc.name}: {exc}",
+                    code=ErrorCode.RPC,
+                    domain=ErrorDomain.RPC,
+                ),
+            )
+            return _REFUSED
+
+    def _serve_inline(self, msg: Message, reg: _Registration) -> None:
+        """Serve a call whose handler is a plain function, as it is read: no worker is
+        woken, and the reply is written with the others of the same read."""
+        args = self._decode_call(msg, reg)
+        if args is _REFUSED:
+            return
+        proc = reg.procedure
+        try:
+            result = _plain_result(proc, reg.handler(CallContext(self, proc, msg.serial), args))
+            payload = proc.encode_ret(result)
+        except RPCError as exc:
+            self.reply_error(msg, exc)
+            return
+        except Exception as exc:
+            self.reply_error(msg, _handler_failed(proc, exc))
+            return
+        self.send_reply_after_read(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
 
     def _unroutable(self, msg: Message) -> None:
         """A CALL with a bad status, for VIRNET_CONTROL, or for a program or procedure
@@ -487,6 +519,28 @@ class ServerConnection(RPCProtocol):
         prog = event.program
         self.send_event(prog.number, prog.version, event.number, xdr.encode(event.body, body))
         self.note_interactive()
+
+
+def _plain_result(proc: Procedure[Any, Any], result: Any) -> Any:
+    """What a plain-function handler returned, refused if it is an awaitable: the
+    handler was taken for a plain function but is not one (a server bug)."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(f"the plain-function handler of {proc!r} returned an awaitable")
+    return result
+
+
+def _handler_failed(proc: Procedure[Any, Any], exc: Exception) -> RPCError:
+    """A handler raised something other than ``RPCError``: logged with its traceback
+    here, answered without the details (they may be private)."""
+    name = f"{proc.program.name}.{proc.name}"
+    log.error("handler for %s failed", name, exc_info=exc)
+    return RPCError(
+        f"internal error in {name}: {type(exc).__name__}",
+        code=ErrorCode.INTERNAL_ERROR,
+        domain=ErrorDomain.RPC,
+    )
 
 
 def _rpc_error(message: str) -> RPCError:
@@ -550,25 +604,38 @@ class Server:
 
     # ------------------------------------------------------------------ registration
     def register(
-        self, procedure: Procedure[Any, Any], handler: Handler, *, readonly: bool = False
+        self,
+        procedure: Procedure[Any, Any],
+        handler: Handler | InlineHandler,
+        *,
+        readonly: bool = False,
     ) -> None:
         """Serve ``procedure`` with ``async handler(ctx, args) -> reply``.
 
+        A handler that never waits may be a plain function instead: it is then run as
+        its call is read, with no task to wake (the fastest way to answer small calls),
+        and must not block.  Stream procedures need an async handler.
         ``readonly=True`` allows it on read-only listeners too.
         """
         prog = procedure.program
         key = (prog.number, prog.version, procedure.number)
         if key in self.handlers:
             raise ValueError(f"{procedure!r} already has a handler")
+        inline = not (
+            inspect.iscoroutinefunction(handler)
+            or inspect.iscoroutinefunction(type(handler).__call__)
+        )
+        if inline and procedure.stream is not None:
+            raise TypeError(f"{procedure!r} carries a stream: its handler must be async")
         self.programs[prog.key] = prog
-        self.handlers[key] = _Registration(procedure, handler, readonly)
+        self.handlers[key] = _Registration(procedure, handler, readonly, inline)
 
     def handler(
         self, procedure: Procedure[Any, Any], *, readonly: bool = False
-    ) -> Callable[[Handler], Handler]:
+    ) -> Callable[[H], H]:
         """Decorator form of ``register``."""
 
-        def decorate(func: Handler) -> Handler:
+        def decorate(func: H) -> H:
             self.register(procedure, func, readonly=readonly)
             return func
 

@@ -1,0 +1,182 @@
+"""Plain-function handlers: served as their call is read, with no task woken, and with
+the same errors, read-only rules and output bounds as async handlers.
+
+Over real Unix sockets, on stock asyncio and uvloop (root conftest), with either core
+(ci/test.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import virnet
+from _rpcutil import (
+    ECHO,
+    FAIL_CRASH,
+    FAIL_RPC,
+    SINK,
+    TEST,
+    WRITE,
+    EchoArgs,
+    remove_tree,
+    short_tmpdir,
+)
+from virnet import xdr
+from virnet._impl import encode_message
+from virnet.constants import MessageStatus, MessageType
+from virnet.errors import ErrorCode, RPCError
+
+BIG = TEST.procedure(60, "BIG", None, xdr.opaque(256 * 1024))
+
+
+class Served:
+    """Plain-function handlers that note where they ran."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[Any] | None] = []
+
+    def echo(self, ctx: virnet.CallContext, args: EchoArgs) -> EchoArgs:
+        self.tasks.append(asyncio.current_task())
+        return EchoArgs(args.text.upper(), 0, args.n + 1)
+
+    def fail_rpc(self, ctx: virnet.CallContext, args: None) -> None:
+        raise RPCError("refused on purpose", code=55)
+
+    def fail_crash(self, ctx: virnet.CallContext, args: None) -> None:
+        raise KeyError("a private detail")
+
+    def write(self, ctx: virnet.CallContext, args: None) -> None:
+        return None
+
+    def big(self, ctx: virnet.CallContext, args: None) -> bytes:
+        return b"b" * (256 * 1024)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[tuple[virnet.Server, Served, Path]]:
+    path = Path(short_tmpdir())
+    served = Served()
+    server = virnet.Server()
+    server.register(ECHO, served.echo, readonly=True)
+    server.register(FAIL_RPC, served.fail_rpc, readonly=True)
+    server.register(FAIL_CRASH, served.fail_crash, readonly=True)
+    server.register(WRITE, served.write)
+    server.register(BIG, served.big, readonly=True)
+    await server.listen(f"unix://{path / 's.sock'}")
+    await server.listen(f"unix://{path / 'ro.sock'}", readonly=True)
+    try:
+        yield server, served, path
+    finally:
+        await server.close()
+        remove_tree(str(path))
+
+
+async def test_a_plain_function_handler_answers_without_a_task(
+    env: tuple[virnet.Server, Served, Path],
+) -> None:
+    _, served, path = env
+    async with await virnet.connect(f"unix://{path / 's.sock'}") as client:
+        reply = await client.call(ECHO, EchoArgs("abc", 0, 1))
+        assert (reply.text, reply.n) == ("ABC", 2)
+        replies = await asyncio.gather(
+            *(client.call(ECHO, EchoArgs("x", 0, n)) for n in range(100))
+        )
+        assert [r.n for r in replies] == [n + 1 for n in range(100)]
+    # Run from the read itself, not from a worker task.
+    assert served.tasks and all(task is None for task in served.tasks)
+
+
+async def test_plain_function_errors_are_error_replies(
+    env: tuple[virnet.Server, Served, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, path = env
+    async with await virnet.connect(f"unix://{path / 's.sock'}") as client:
+        with pytest.raises(RPCError, match="refused on purpose") as info:
+            await client.call(FAIL_RPC)
+        assert info.value.code == 55
+        with (
+            caplog.at_level(logging.ERROR, logger="virnet.server"),
+            pytest.raises(RPCError, match=r"internal error in TEST\.FAIL_CRASH: KeyError") as crash,
+        ):
+            await client.call(FAIL_CRASH)
+        assert crash.value.code == ErrorCode.INTERNAL_ERROR
+        assert "a private detail" not in str(crash.value)
+        assert any("handler for TEST.FAIL_CRASH failed" in r.getMessage() for r in caplog.records)
+        # Arguments that do not decode: an error reply, the connection goes on.
+        with pytest.raises(RPCError, match=r"invalid arguments for TEST\.ECHO"):
+            await client.call_raw(TEST.number, TEST.version, ECHO.number, b"\x00\x00")
+        assert (await client.call(ECHO, EchoArgs("z", 0, 0))).text == "Z"
+
+
+async def test_plain_function_write_procedure_is_refused_read_only(
+    env: tuple[virnet.Server, Served, Path],
+) -> None:
+    _, _, path = env
+    async with await virnet.connect(f"unix://{path / 'ro.sock'}") as client:
+        with pytest.raises(RPCError, match="forbidden on a read only connection"):
+            await client.call(WRITE)
+        assert (await client.call(ECHO, EchoArgs("r", 0, 0))).text == "R"
+
+
+def test_a_stream_procedure_needs_an_async_handler() -> None:
+    server = virnet.Server()
+    with pytest.raises(TypeError, match="must be async"):
+        server.register(SINK, lambda ctx, args: None)
+
+
+def test_an_object_with_an_async_call_is_taken_as_async() -> None:
+    class Handler:
+        async def __call__(self, ctx: virnet.CallContext, args: None) -> None:
+            return None
+
+    server = virnet.Server()
+    server.register(SINK, Handler())  # a stream procedure: refused if taken as plain
+
+
+async def test_a_client_that_reads_nothing_holds_plain_function_calls_back(
+    env: tuple[virnet.Server, Served, Path],
+) -> None:
+    """Replies to a client that does not read stop at the output bound: its further
+    calls wait in the queue (none dropped) until it reads, then all are answered."""
+    server, _, path = env
+    calls = 200  # 200 x 256 KiB: 50 MiB of replies, far over the 4 MiB bound
+    loop = asyncio.get_running_loop()
+    greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    greedy.setblocking(False)
+    try:
+        await loop.sock_connect(greedy, str(path / "s.sock"))
+        await loop.sock_sendall(greedy, b"".join(
+            b"".join(encode_message(TEST.number, TEST.version, BIG.number,
+                                    int(MessageType.CALL), serial, int(MessageStatus.OK)))
+            for serial in range(1, calls + 1)
+        ))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if any(conn.waiting for conn in server.connections):
+                break
+        assert any(conn.waiting for conn in server.connections), "nothing was held back"
+        # Now read: every call is answered, in full.
+        buf = bytearray()
+        serials: list[int] = []
+        while len(serials) < calls:
+            buf.extend(await loop.sock_recv(greedy, 1 << 20))
+            while len(buf) >= 4:
+                (length,) = struct.unpack_from(">I", buf)
+                if len(buf) < length:
+                    break
+                _, _, proc, mtype, serial, status = struct.unpack_from(">IIIiIi", buf, 4)
+                assert (proc, mtype, status) == (BIG.number, int(MessageType.REPLY), 0)
+                assert length == 28 + 4 + 256 * 1024
+                serials.append(serial)
+                del buf[:length]
+        assert sorted(serials) == list(range(1, calls + 1))
+    finally:
+        greedy.close()
