@@ -17,7 +17,7 @@ import pytest
 
 import virnet
 from _rpcutil import ECHO, TEST, EchoArgs, remove_tree, short_tmpdir
-from virnet import xdr
+from virnet import _protocol, xdr
 from virnet._impl import FrameDecoder, Message, encode_message
 from virnet._protocol import OUTPUT_BATCH
 from virnet.constants import MessageStatus, MessageType
@@ -195,3 +195,38 @@ async def test_a_lone_call_is_written_at_once_without_scheduling_a_flush(
     finally:
         peer.close()
         await client.close()
+
+
+async def test_lean_mode_lasts_while_calls_keep_coming_and_ends_after(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call makes the connection lean (nothing buffered in the transport); each later
+    call renews the hold, and the first flush after the hold has passed goes back to the
+    bulk limits.  The hold is stretched so that the loop's timing cannot decide it."""
+    hold = 0.5
+    monkeypatch.setattr(_protocol, "LEAN_HOLD", hold)
+    server = virnet.Server()
+
+    async def echo(ctx: virnet.CallContext, args: EchoArgs) -> EchoArgs:
+        return args
+
+    server.register(ECHO, echo)
+    path = workdir / "s.sock"
+    await server.listen(f"unix://{path}")
+    try:
+        async with await virnet.connect(f"unix://{path}") as client:
+            transport = client.protocol.transport
+            assert transport is not None
+            bulk = transport.get_write_buffer_limits()
+            assert bulk != (0, 0)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while loop.time() - start < 2 * hold:  # well past one hold, calls keep coming
+                await client.call(ECHO, EchoArgs("x", 0, 0))
+                assert transport.get_write_buffer_limits() == (0, 0)
+                await asyncio.sleep(hold / 10)
+            await asyncio.sleep(hold * 1.5)
+            await client.ping()  # a flush after the hold: back to bulk
+            assert transport.get_write_buffer_limits() == bulk
+    finally:
+        await server.close()
