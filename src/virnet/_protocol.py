@@ -4,8 +4,9 @@ The transport receives straight into the core's buffers (``get_buffer`` /
 ``buffer_updated`` are the core's own).  Outgoing packets are queued by the core and
 written once per loop iteration with ``writelines`` (header and payload stay separate
 buffers); a lone call is written at once, a run of calls or replies every
-``OUTPUT_BATCH`` buffers, and replies made while a read is handled when it is done.  ``pause_writing`` stops pulling stream data; calls and replies still go out,
-they are small.  Keepalive ticks come from ``loop.call_later``.
+``OUTPUT_BATCH`` buffers, and replies made while a read is handled when it is done.
+``pause_writing`` stops pulling stream data; calls and replies still go out, they are
+small.  Keepalive ticks come from ``loop.call_later``.
 
 Bulk versus interactive: a call or reply can only overtake stream data that is still in
 our own queue; whatever already sits in the transport's buffer or the socket goes first.
