@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from . import protocol, xdr
 from ._core import Buffer, Mode
-from ._impl import Message, Packer, Unpacker
+from ._impl import Message
 from ._protocol import RPCProtocol
 from ._uri import Address, default_uri, parse_uri
 from .constants import CONTROL_HELLO, CONTROL_PROGRAM, CONTROL_VERSION, MessageStatus
@@ -109,13 +109,12 @@ class Client:
         ``CallTimeoutError`` when ``timeout`` seconds pass first, and
         ``ConnectionClosedError`` when the connection ends.
         """
-        packer = Packer()
-        procedure.args.pack(packer, cast(A, args))  # None for a void procedure
+        payload = procedure.encode_args(cast(A, args))  # None for a void procedure
         prog = procedure.program
         proto = self._proto
         if timeout is not None or proto.transport is None:
             data = await self.call_raw(
-                prog.number, prog.version, procedure.number, packer.getvalue(), timeout
+                prog.number, prog.version, procedure.number, payload, timeout
             )
         else:
             # The common case inline (no deadline): one coroutine frame less per call.
@@ -123,14 +122,10 @@ class Client:
             waiters = proto.waiters
             proto.note_interactive()
             if waiters:
-                serial = proto.send_call(
-                    prog.number, prog.version, procedure.number, packer.getvalue()
-                )
+                serial = proto.send_call(prog.number, prog.version, procedure.number, payload)
                 proto.flush_if_batched()
             else:  # a lone call: nothing to batch it with
-                serial = proto.send_call_now(
-                    prog.number, prog.version, procedure.number, packer.getvalue()
-                )
+                serial = proto.send_call_now(prog.number, prog.version, procedure.number, payload)
             waiters[serial] = fut
             try:
                 status, data = await fut
@@ -140,12 +135,9 @@ class Client:
             if status == _ERROR:
                 raise protocol.decode_error(data)
         try:
-            unpacker = Unpacker(data)
-            value: R = procedure.ret.unpack(unpacker)
-            unpacker.done()
+            return procedure.decode_ret(data)
         except XdrError as exc:
             raise ProtocolError(f"bad reply to {procedure!r}: {exc}") from None
-        return value
 
     async def call_raw(
         self,

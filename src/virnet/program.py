@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
 from . import xdr
-from ._impl import Packer, Unpacker
 from .xdr import XdrType
 
 
@@ -45,29 +44,18 @@ class Procedure(Generic[A, R]):
     ret: XdrType[R]
     stream: StreamDirection | None = None
 
-    # The four codecs go straight to the Packer/Unpacker: ``args`` and ``ret`` are
-    # resolved XDR types already, and these run once per call on both sides.
+    # ``args`` and ``ret`` are resolved XDR types already: no ``xdr.type_of`` per call.
     def encode_args(self, value: A) -> bytes:
-        packer = Packer()
-        self.args.pack(packer, value)
-        return packer.getvalue()
+        return self.args.encode(value)
 
     def decode_args(self, data: bytes | bytearray | memoryview) -> A:
-        unpacker = Unpacker(data)
-        value = self.args.unpack(unpacker)
-        unpacker.done()
-        return value
+        return self.args.decode(data)
 
     def encode_ret(self, value: R) -> bytes:
-        packer = Packer()
-        self.ret.pack(packer, value)
-        return packer.getvalue()
+        return self.ret.encode(value)
 
     def decode_ret(self, data: bytes | bytearray | memoryview) -> R:
-        unpacker = Unpacker(data)
-        value = self.ret.unpack(unpacker)
-        unpacker.done()
-        return value
+        return self.ret.decode(data)
 
     def __repr__(self) -> str:
         return f"<Procedure {self.program.name}.{self.name} ({self.number})>"

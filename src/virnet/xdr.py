@@ -46,6 +46,19 @@ class XdrType(Generic[T]):
     def unpack(self, unpacker: Any) -> T:
         raise NotImplementedError
 
+    def encode(self, value: T) -> bytes:
+        """``value`` as XDR bytes."""
+        packer = Packer()
+        self.pack(packer, value)
+        return packer.getvalue()
+
+    def decode(self, data: Buffer) -> T:
+        """All of ``data`` decoded; leftover bytes are an error."""
+        unpacker = Unpacker(data)
+        value = self.unpack(unpacker)
+        unpacker.done()
+        return value
+
     def __repr__(self) -> str:
         return f"xdr.{self.name}"
 
@@ -423,17 +436,12 @@ def type_of(spec: Any) -> XdrType[Any]:
 
 def encode(spec: Any, value: Any) -> bytes:
     """Encode ``value`` as the XDR type ``spec`` (an XdrType, a struct class or None)."""
-    packer = Packer()
-    type_of(spec).pack(packer, value)
-    return packer.getvalue()
+    return type_of(spec).encode(value)
 
 
 def decode(spec: Any, data: Buffer) -> Any:
     """Decode all of ``data`` as ``spec``; leftover bytes are an error."""
-    unpacker = Unpacker(data)
-    value = type_of(spec).unpack(unpacker)
-    unpacker.done()
-    return value
+    return type_of(spec).decode(data)
 
 
 # Annotated aliases for struct fields.
