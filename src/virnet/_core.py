@@ -286,13 +286,15 @@ class ConnectionCore:
             raise ProtocolError(f"unknown keepalive procedure {msg.proc}")
 
     # ------------------------------------------------------------------ bytes out
-    def queue_urgent(self, buffers: list[Buffer]) -> None:
+    def queue_urgent(self, buffers: list[Buffer], *, notify: bool = True) -> None:
+        """Queue a control packet, call, reply or event.  ``notify=False``: the caller
+        takes the output itself right after, so ``on_output`` is not called."""
         # Notify on every empty -> non-empty change, even with stream data pending: the
         # glue may be holding stream data back (transport full) but must still write
         # urgent packets now, so they queue behind as little data as possible.
         was_empty = not self._urgent
         self._urgent.extend(buffers)
-        if was_empty:
+        if was_empty and notify:
             self.on_output()
 
     def mark_ready(self, endpoint: Any) -> None:
@@ -435,19 +437,40 @@ class ConnectionCore:
         return serial
 
     def send_call(
-        self, prog: int, vers: int, proc: int, payload: Buffer, serial: int | None = None
+        self,
+        prog: int,
+        vers: int,
+        proc: int,
+        payload: Buffer,
+        serial: int | None = None,
+        *,
+        notify: bool = True,
     ) -> int:
-        """Queue a CALL; returns its serial.  The reply comes to ``on_reply``."""
+        """Queue a CALL; returns its serial.  The reply comes to ``on_reply``.
+        ``notify`` as for ``queue_urgent``."""
         if serial is None:
             serial = self.allocate_serial()
         self._pending[serial] = (prog, vers, proc)
-        self.queue_urgent(encode_message(prog, vers, proc, _CALL, serial, _OK, payload))
+        self.queue_urgent(
+            encode_message(prog, vers, proc, _CALL, serial, _OK, payload), notify=notify
+        )
         return serial
 
     def send_reply(
-        self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer
+        self,
+        prog: int,
+        vers: int,
+        proc: int,
+        serial: int,
+        status: int,
+        payload: Buffer,
+        *,
+        notify: bool = True,
     ) -> None:
-        self.queue_urgent(encode_message(prog, vers, proc, _REPLY, serial, status, payload))
+        """Queue a REPLY; ``notify`` as for ``queue_urgent``."""
+        self.queue_urgent(
+            encode_message(prog, vers, proc, _REPLY, serial, status, payload), notify=notify
+        )
 
     def send_event(self, prog: int, vers: int, proc: int, payload: Buffer) -> None:
         self.queue_urgent(encode_message(prog, vers, proc, _MESSAGE, 0, _OK, payload))

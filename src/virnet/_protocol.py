@@ -96,10 +96,6 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._flush_handle: asyncio.Handle | None = None
-        #: Set while queuing a packet that the caller writes itself right after
-        #: (``send_call_now``, ``send_reply_now``): scheduling a flush only to cancel it
-        #: would cost the loop an extra turn (an extra ``epoll_wait``) per call.
-        self._writing_now = False
         #: Replies were queued while a read was handled (``send_reply_after_read``):
         #: write them when it is done.
         self._flush_after_read = False
@@ -142,9 +138,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self.abort_connection(exc)
             return
-        if self._flush_after_read:
-            self._flush_after_read = False
-            self.flush_now()
+        self._flush_owed_replies()
         if self.yield_read:
             self.yield_read = False
             if nbytes == self._read_size:
@@ -260,7 +254,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ output
     def on_output(self) -> None:
-        if self._flush_handle is None and not self._writing_now and self.transport is not None:
+        if self._flush_handle is None and self.transport is not None:
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def defer_flush(self) -> None:
@@ -279,24 +273,20 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         if handle is not None:
             handle.cancel()
             self._flush()
-        elif self.has_output():  # queued by ``send_call_now``/``send_reply_now``
+        elif self.has_output():  # queued with ``notify=False``: no flush was scheduled
             self._flush()
 
     def send_call_now(self, prog: int, vers: int, proc: int, payload: Buffer) -> int:
-        """``send_call``, written at once (a lone call: nothing to batch it with)."""
-        self._writing_now = True
-        try:
-            serial = self.send_call(prog, vers, proc, payload)
-        finally:
-            self._writing_now = False
+        """``send_call``, written at once (a lone call: nothing to batch it with).  No
+        flush is scheduled for it: one scheduled only to be cancelled would still cost
+        the loop an extra turn (an extra ``epoll_wait``) per call."""
+        serial = self.send_call(prog, vers, proc, payload, notify=False)
         self.flush_now()
         return serial
 
     def feed(self, data: Buffer) -> None:
         ConnectionCore.feed(self, data)
-        if self._flush_after_read:
-            self._flush_after_read = False
-            self.flush_now()
+        self._flush_owed_replies()
 
     def send_reply_after_read(
         self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer
@@ -304,24 +294,16 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         """``send_reply`` for a call answered while its read is handled: written with the
         other replies of that read once it is done (one write per read, like the
         simplest echo server), or at once when a batch is full; no flush is scheduled."""
-        self._writing_now = True
-        try:
-            self.send_reply(prog, vers, proc, serial, status, payload)
-        finally:
-            self._writing_now = False
+        self.send_reply(prog, vers, proc, serial, status, payload, notify=False)
         self._flush_after_read = True
         self.flush_if_batched()
 
-    def send_reply_now(
-        self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer
-    ) -> None:
-        """``send_reply``, for a caller that calls ``flush_now`` next, with nothing that
-        can suspend in between."""
-        self._writing_now = True
-        try:
-            self.send_reply(prog, vers, proc, serial, status, payload)
-        finally:
-            self._writing_now = False
+    def _flush_owed_replies(self) -> None:
+        """A read (or ``feed``) is done: write the replies ``send_reply_after_read``
+        queued during it."""
+        if self._flush_after_read:
+            self._flush_after_read = False
+            self.flush_now()
 
     def flush_if_batched(self) -> None:
         """Write what is queued now if a batch's worth of calls or replies is waiting

@@ -426,8 +426,11 @@ class ServerConnection(RPCProtocol):
         if self.waiting:
             self.send_reply(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
         else:
-            # The run's last call: ``_worker`` writes the reply as soon as this returns.
-            self.send_reply_now(msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload)
+            # The run's last call: ``_worker`` writes the reply (``flush_now``) as soon as
+            # this returns, with nothing that can suspend in between.
+            self.send_reply(
+                msg.prog, msg.vers, msg.proc, msg.serial, _OK, payload, notify=False
+            )
 
     def _decode_call(self, msg: Message, reg: _Registration) -> Any:
         """The call's arguments, or ``_REFUSED`` once it has been answered with an error
