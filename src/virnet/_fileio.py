@@ -271,6 +271,18 @@ class BatchWriter:
         await self.flush()
         self.pos += length
 
+    #: Where bytes written past everything queued go: a file offset (positional
+    #: writes), or None for the descriptor's own position (``SequentialWriter``).
+    #: Valid once ``flush`` has returned.
+    @property
+    def direct_offset(self) -> int | None:
+        return self.pos
+
+    def advance(self, n: int) -> None:
+        """``n`` bytes were written at ``direct_offset`` by someone else (a direct
+        run, ``Stream.recv_into``): later writes go after them."""
+        self.pos += n
+
     async def _submit(self) -> None:
         await self._wait_pending()
         assert self._buffers is not None  # something was written
@@ -314,6 +326,10 @@ class SequentialWriter(BatchWriter):
 
     def __init__(self, fd: int, *, inline: bool | None = None) -> None:
         super().__init__(fd, 0, inline=inline)
+
+    @property
+    def direct_offset(self) -> int | None:
+        return None
 
     async def skip(self, length: int) -> None:
         zeros = memoryview(_ZEROS)

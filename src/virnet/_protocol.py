@@ -27,6 +27,7 @@ import sys
 from typing import cast
 
 from ._core import Buffer, ConnectionCore, KeepaliveAction
+from ._direct import DirectReader
 from .constants import STREAM_CHUNK
 from .errors import ConnectionClosedError, ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
@@ -108,6 +109,11 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self._reading_paused = False
         self._read_pausers: set[object] = set()  # why reading is paused (bounded memory)
         self._read_size = 0  # size of the buffer last handed to the transport
+        #: The socket's descriptor where a worker thread may read stream data straight
+        #: into a file while the transport's reading is paused (a plain socket, no
+        #: TLS: ``virnet._direct``); -1 elsewhere.
+        self.recv_fd = -1
+        self.direct = DirectReader(self)
         #: A call, reply or event arrived in this read: let its task run before more
         #: bulk data is read (see ``buffer_updated``).
         self.yield_read = False
@@ -120,6 +126,13 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
+        if (
+            sock is not None
+            and sock.family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+            and transport.get_extra_info("sslcontext") is None
+            and transport.get_extra_info("ssl_object") is None
+        ):
+            self.recv_fd = sock.fileno()
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -139,6 +152,8 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             self.abort_connection(exc)
             return
         self._flush_owed_replies()
+        if self.direct.requested is not None:
+            self.direct.between_reads()
         if self.yield_read:
             self.yield_read = False
             if nbytes == self._read_size:
@@ -180,7 +195,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
                 err.__cause__ = exc
                 self.close_exc = err
         self.transport = None
+        self.recv_fd = -1
         self._unix_sock = None  # its descriptor may be reused from now on
+        self.direct.connection_lost()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None

@@ -564,6 +564,46 @@ class StreamCore:
             self.rx.appendleft(Hole(hole.length - n))
         return n
 
+    # ------------------------------------------------------------------ direct runs
+    def can_take_direct(self) -> bool:
+        """Data may now be received straight into a file (``virnet._direct``): the
+        stream is open for reading and delivers its data to a reader."""
+        return (
+            self.can_recv
+            and not self.rx_eof
+            and not self.discard
+            and not self.failing
+            and self.state is StreamState.OPEN
+        )
+
+    def queued_data(self) -> int:
+        """Bytes of data queued for the reader, or -1 if anything else (a hole, EOF)
+        is queued too."""
+        total = -self.rx_offset
+        for item in self.rx:
+            if not isinstance(item, memoryview | bytes):
+                return -1
+            total += len(item)
+        return total
+
+    def take_queued_data(self) -> list[Buffer]:
+        """Everything queued, which must all be data (``queued_data() >= 0``), taken
+        as if read."""
+        rx = self.rx
+        out: list[Buffer] = []
+        while rx:
+            out.append(self.take(None))
+        return out
+
+    def received_directly(self, n: int) -> None:
+        """``n`` payload bytes of this stream were written straight to their target,
+        never queued: count them, and return them to the peer as CREDIT as if read."""
+        self.bytes_received += n
+        if self.native and self.state not in _CLOSED:
+            self.consumed += n
+            if self.consumed >= self.grant_step:
+                self.grant()
+
     def discard_unread(self) -> None:
         """Server, the handler returned: drop (and credit) what it did not read, and
         everything that still comes."""

@@ -73,7 +73,9 @@ class Stream:
     ``CallContext.accept_stream`` (server side); do not construct it yourself."""
 
     def __init__(self, proto: RPCProtocol, core: StreamCore) -> None:
-        self._loop = proto.loop  # the only thing the facade needs from the connection
+        self._loop = proto.loop
+        self._proto = proto  # for direct runs (``recv_into``) only
+        self._direct = False  # ``recv_into`` waits on a run
         self._core = core
         core.listener = self
         self.key = core.key
@@ -146,6 +148,8 @@ class Stream:
         fut = self._rx_waiter
         if fut is not None and not fut.done():
             fut.set_result(None)
+        if self._direct:
+            self._proto.direct.stream_changed(self._core)
         if self._change_waiter is not None or self._event_cb is not None:
             self._changed()
 
@@ -306,6 +310,42 @@ class Stream:
         if item is EOF:
             return memoryview(b"")
         return item  # type: ignore[no-any-return]
+
+    @property
+    def can_recv_directly(self) -> bool:
+        """``recv_into`` can take runs on this connection (a plain socket, not TLS)."""
+        return self._proto.recv_fd >= 0
+
+    async def recv_into(
+        self,
+        fd: int,
+        offset: int | None = None,
+        *,
+        limit: int | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> int:
+        """Write the stream's next run of data straight into the file descriptor
+        ``fd`` (at ``offset``, or at ``fd``'s own position if None) and return the
+        byte count.  A worker thread reads the run off the socket and splices it into
+        ``fd`` (no copy through this process) until something else than this
+        stream's data comes: a hole, EOF, a packet of another stream, a call.
+        ``limit`` bounds the bytes taken; ``progress(n)`` is called on the loop as
+        they arrive.  Returns 0, having waited for nothing, where a run cannot be
+        taken now (TLS, a hole or EOF is next, the connection already has a run, too
+        many runs in the process): take the next item with ``recv_chunk`` then.
+        Raises the ``OSError`` of a failed write; the data packet it happened in is
+        still taken off the socket, and the stream stays open."""
+        core = self._core
+        if not core.can_recv:
+            core.check_recv()
+        fut = self._proto.direct.request(core, fd, offset, limit, progress)
+        if fut is None:
+            return 0
+        self._direct = True
+        try:
+            return await fut
+        finally:
+            self._direct = False
 
     async def recv(self, maximum: int = STREAM_CHUNK) -> bytes:
         """Up to ``maximum`` bytes; ``b""`` at EOF.  A hole reads as zero bytes (like

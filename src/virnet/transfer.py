@@ -26,8 +26,9 @@ from collections.abc import Callable
 from . import _localfile
 from ._fileio import read_blocks, read_until_eof, segments
 from ._localfile import LengthError, LocalFileError, Source
+from ._receive import OverLimit, receive_into
 from .client import Client
-from .errors import VirnetError
+from .errors import ErrorCode, ErrorDomain, StreamError, VirnetError
 from .services import files as f
 from .stream import Hole, Stream
 
@@ -173,19 +174,27 @@ async def download(
             writer = target.writer
             done = 0
             try:
-                async for item in stream:
-                    if isinstance(item, Hole):
-                        await writer.skip(item.length)
-                        done += item.length
-                    else:
-                        await writer.write(item)
-                        done += len(item)
-                    if progress:
-                        progress(done)
+                async with contextlib.aclosing(
+                    receive_into(stream, writer, limit=size, progress=progress)
+                ) as pieces:
+                    async for piece in pieces:
+                        if isinstance(piece, Hole):
+                            await writer.skip(piece.length)
+                            done += piece.length
+                        else:
+                            done += piece
+                        if progress:
+                            progress(done)
                 if on_commit is not None:
                     on_commit()
                 await stream.finish()
                 await target.commit(sync)
+            except OverLimit:
+                raise StreamError(
+                    f"the daemon sent more than the {size} bytes it announced",
+                    code=ErrorCode.INVALID_STREAM,
+                    domain=ErrorDomain.STREAMS,
+                ) from None
             except OSError as exc:
                 if isinstance(exc, VirnetError):
                     raise

@@ -41,6 +41,7 @@ from typing import Any
 
 from .._core import Mode
 from .._fileio import BatchWriter, read_blocks, segments
+from .._receive import OverLimit, receive_into
 from .._syscalls import never_waits
 from .._uri import Address, parse_uri
 from ..client import Client, connect
@@ -508,22 +509,22 @@ class MigrationService:
                     raise _aborted(f"the migration of {name!r} was aborted")
                 stream = ctx.accept_stream(sparse=True)
                 job.stream = stream
+                pieces = receive_into(stream, writer, limit=size - offset)
                 try:
-                    async for item in stream:
-                        n = item.length if isinstance(item, Hole) else len(item)
-                        if writer.end + n > size:
-                            keep = False
-                            raise _arg_error(
-                                f"the tunnel carries more than the {size} bytes announced"
-                            )
-                        if isinstance(item, Hole):
-                            await writer.skip(n)
-                        else:
-                            await writer.write(item)
+                    async for piece in pieces:
+                        if isinstance(piece, Hole):
+                            await writer.skip(piece.length)
                     await writer.flush()
+                except OverLimit:
+                    keep = False
+                    raise _arg_error(
+                        f"the tunnel carries more than the {size} bytes announced"
+                    ) from None
                 except OSError:
                     keep = False  # our own storage failed (a full disk): nothing to keep
                     raise
+                finally:
+                    await pieces.aclose()
                 if writer.pos != size:
                     keep = False
                     raise _arg_error(

@@ -23,6 +23,7 @@ import functools
 import os
 
 from .._fileio import IO_BATCH, BatchWriter, read_blocks, segments
+from .._receive import OverLimit, receive_into
 from .._syscalls import punch_hole
 from ..errors import ErrorCode, ErrorDomain, RPCError
 from ..server import CallContext, Server
@@ -76,11 +77,10 @@ class TransferService:
         writer = BatchWriter(fd)
         try:
             stream = ctx.accept_stream(sparse=sparse)
-            async for item in stream:
-                if isinstance(item, Hole):
-                    await writer.skip(item.length)
-                else:
-                    await writer.write(item)
+            async with contextlib.aclosing(receive_into(stream, writer)) as pieces:
+                async for piece in pieces:
+                    if isinstance(piece, Hole):
+                        await writer.skip(piece.length)
             await writer.flush()
             size = writer.pos
             await asyncio.to_thread(_finish_file, fd, size, sync)
@@ -117,21 +117,23 @@ class TransferService:
             stream = ctx.accept_stream(sparse=sparse)
             want = args.length
             got = 0
-            async for item in stream:
-                n = item.length if isinstance(item, Hole) else len(item)
-                got += n
-                if want and got > want:
-                    raise RPCError(
-                        f"stream carries more than the {want} bytes announced",
-                        code=ErrorCode.INVALID_ARG,
-                        domain=ErrorDomain.STREAMS,
-                    )
-                if isinstance(item, Hole):
-                    await writer.flush()
-                    await asyncio.to_thread(_punch_hole, fd, writer.pos, n)
-                    await writer.skip(n)
-                else:
-                    await writer.write(item)
+            pieces = receive_into(stream, writer, limit=want or None)
+            try:
+                async for piece in pieces:
+                    if isinstance(piece, Hole):
+                        n = piece.length
+                        await writer.flush()
+                        await asyncio.to_thread(_punch_hole, fd, writer.pos, n)
+                        await writer.skip(n)
+                    else:
+                        n = piece
+                    got += n
+            except OverLimit as exc:
+                raise RPCError(
+                    str(exc), code=ErrorCode.INVALID_ARG, domain=ErrorDomain.STREAMS
+                ) from None
+            finally:
+                await pieces.aclose()
             await writer.flush()
             if want and got < want:
                 raise RPCError(

@@ -1,0 +1,420 @@
+"""Direct runs (``Stream.recv_into``): stream data spliced from the socket into a file
+descriptor by a worker thread, over real sockets.  What must hold: the bytes arrive
+whole and in order (queued data first), everything else on the connection (calls,
+replies, EOF, holes, other streams) is still handled the ordinary way, a failing target
+or a cancelled reader costs the stream and never the connection, and no thread or
+descriptor outlives its run.  Both loops (root conftest), both cores (ci/test.sh)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+import virnet
+from _rpcutil import (
+    ECHO,
+    MODE_HOLES,
+    MODE_NORMAL,
+    SINK,
+    SOURCE,
+    DemoService,
+    EchoArgs,
+    StreamArgs,
+    StreamResult,
+    StreamService,
+    pattern,
+    remove_tree,
+    short_tmpdir,
+    sock_uri,
+)
+from virnet import _direct, _receive
+from virnet._fileio import BatchWriter, SequentialWriter
+from virnet.errors import StreamError
+from virnet.stream import Hole, Stream
+
+MiB = 1024 * 1024
+
+
+class Env:
+    def __init__(self, server: virnet.Server, streams: StreamService, uri: str, tmp: str):
+        self.server = server
+        self.streams = streams
+        self.uri = uri
+        self.tmp = tmp
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    tmp = short_tmpdir()
+    server = virnet.Server(window=1024 * 1024)
+    DemoService().register(server)
+    streams = StreamService()
+    streams.register(server)
+    uri = str(await server.listen(sock_uri(tmp)))
+    try:
+        yield Env(server, streams, uri, tmp)
+    finally:
+        await server.close(grace=1)
+        remove_tree(tmp)
+    # every run's thread is gone once its connection is
+    for _ in range(200):
+        if not run_threads():
+            break
+        await asyncio.sleep(0.01)
+    assert not run_threads()
+
+
+def run_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == _direct.THREAD_NAME]
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+async def receive_all(stream: Stream, fd: int, offset: int | None = 0) -> int:
+    """``recv_into`` until EOF, the ordinary way in between; the bytes covered."""
+    done = 0
+    while True:
+        n = await stream.recv_into(fd, None if offset is None else offset + done)
+        if n:
+            done += n
+            continue
+        item = await stream.recv_chunk()
+        if isinstance(item, Hole):
+            raise AssertionError("no holes expected")
+        if not item:
+            return done
+        if offset is None:
+            os.write(fd, item)
+        else:
+            os.pwrite(fd, item, offset + done)
+        done += len(item)
+
+
+async def test_download_goes_through_direct_runs(env: Env) -> None:
+    data = pattern(16 * MiB + 12345, 1)
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(len(data), 1, MODE_NORMAL))
+            assert st.can_recv_directly
+            assert await receive_all(st, fd) == len(data)
+            await st.finish()
+            direct = c.protocol.direct
+            assert direct.runs >= 1
+            assert direct.bytes >= len(data) // 2  # most of it, not a packet or two
+            assert st.bytes_received == len(data)
+    finally:
+        os.close(fd)
+    assert read(target) == data
+
+
+async def test_queued_data_goes_first_into_a_pipe(env: Env) -> None:
+    """Data already queued when the run starts reaches a sequential target before the
+    data the run splices (a pipe has no offsets to sort it out later)."""
+    data = pattern(6 * MiB, 2)
+    r, w = os.pipe()
+    got = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(r, 1 << 20):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(len(data), 2, MODE_NORMAL))
+            for _ in range(500):
+                if st.buffered >= 512 * 1024:
+                    break
+                await asyncio.sleep(0.01)
+            assert st.buffered > 0
+            assert await receive_all(st, w, None) == len(data)
+            await st.finish()
+    finally:
+        os.close(w)
+        reader.join(10)
+        os.close(r)
+    assert bytes(got) == data
+
+
+async def test_calls_on_the_connection_are_answered_during_a_run(env: Env) -> None:
+    data = pattern(24 * MiB, 3)
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(len(data), 3, MODE_NORMAL))
+            download = asyncio.ensure_future(receive_all(st, fd))
+            for i in range(50):
+                reply = await asyncio.wait_for(c.call(ECHO, EchoArgs(f"x{i}", 0, i)), 10)
+                assert (reply.text, reply.n) == (f"x{i}"[::-1], i + 1)
+            assert await asyncio.wait_for(download, 60) == len(data)
+            await st.finish()
+    finally:
+        os.close(fd)
+    assert read(target) == data
+
+
+async def test_two_streams_on_one_connection(env: Env) -> None:
+    """One socket, one reader: the second stream's data ends the first one's run and
+    goes the ordinary way; both arrive whole."""
+    sizes = (9 * MiB + 5000, 7 * MiB + 333)
+    paths = [env.path(f"out{i}.bin") for i in range(2)]
+    fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) for p in paths]
+    try:
+        async with await virnet.connect(env.uri) as c:
+            streams = [
+                await c.open_stream(SOURCE, StreamArgs(n, 10 + i, MODE_NORMAL))
+                for i, n in enumerate(sizes)
+            ]
+            jobs = (receive_all(s, fd) for s, fd in zip(streams, fds, strict=True))
+            done = await asyncio.gather(*jobs)
+            assert done == list(sizes)
+            for s in streams:
+                await s.finish()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for i, (p, n) in enumerate(zip(paths, sizes, strict=True)):
+        assert read(p) == pattern(n, 10 + i)
+
+
+async def test_a_failing_target_costs_the_stream_not_the_connection(env: Env) -> None:
+    r, w = os.pipe()
+    os.close(r)  # writes fail with EPIPE
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(8 * MiB, 4, MODE_NORMAL))
+            with pytest.raises(OSError) as info:
+                while True:
+                    if not await st.recv_into(w):
+                        item = await st.recv_chunk()
+                        assert item, "EOF before the write failed"
+                        os.write(w, item)
+            assert info.value.errno == errno.EPIPE
+            await st.abort()
+            reply = await asyncio.wait_for(c.call(ECHO, EchoArgs("after", 0, 1)), 10)
+            assert reply.text == "retfa"
+    finally:
+        os.close(w)
+
+
+async def test_cancelled_reader_then_abort_leaves_the_connection_usable(env: Env) -> None:
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(64 * MiB, 5, MODE_NORMAL))
+            task = asyncio.ensure_future(receive_all(st, fd))
+            for _ in range(500):
+                if c.protocol.direct.bytes >= 2 * MiB:
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await st.abort()
+            reply = await asyncio.wait_for(c.call(ECHO, EchoArgs("still", 0, 2)), 10)
+            assert reply.text == "llits"
+            # the connection carries a new stream as before
+            again = await c.open_stream(SOURCE, StreamArgs(MiB, 6, MODE_NORMAL))
+            assert await again.recv_all(bytearray().extend) == MiB
+            await again.finish()
+    finally:
+        os.close(fd)
+
+
+async def test_connection_lost_during_a_run(env: Env) -> None:
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        c = await virnet.connect(env.uri)
+        try:
+            st = await c.open_stream(SOURCE, StreamArgs(256 * MiB, 7, MODE_NORMAL))
+            task = asyncio.ensure_future(receive_all(st, fd))
+            for _ in range(500):
+                if c.protocol.direct.bytes >= MiB:
+                    break
+                await asyncio.sleep(0.01)
+            for conn in list(env.server.connections):
+                assert conn.transport is not None
+                conn.transport.abort()
+            with pytest.raises((StreamError, ConnectionError, virnet.errors.VirnetError)):
+                await asyncio.wait_for(task, 10)
+        finally:
+            await c.close()
+    finally:
+        os.close(fd)
+
+
+async def test_limit_bounds_a_run(env: Env) -> None:
+    data = pattern(4 * MiB, 8)
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(len(data), 8, MODE_NORMAL))
+            n = await st.recv_into(fd, 0, limit=MiB)
+            assert 0 < n <= MiB
+            assert await receive_all(st, fd, n) == len(data) - n
+            await st.finish()
+    finally:
+        os.close(fd)
+    assert read(target) == data
+
+
+async def test_a_target_that_refuses_splice_is_written_by_copy(env: Env) -> None:
+    """splice(2) refuses files opened with O_APPEND (EINVAL): the run copies."""
+    data = pattern(5 * MiB + 7, 9)
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(len(data), 9, MODE_NORMAL))
+            assert await receive_all(st, fd, None) == len(data)
+            await st.finish()
+            assert c.protocol.direct.bytes > 0
+    finally:
+        os.close(fd)
+    assert read(target) == data
+
+
+async def test_credit_is_returned_for_data_received_directly(env: Env) -> None:
+    """With a window far smaller than the transfer, the sender would stall for ever
+    if directly received data were not granted back as CREDIT."""
+    data = pattern(12 * MiB, 11)
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        async with await virnet.connect(env.uri, window=512 * 1024) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(len(data), 11, MODE_NORMAL))
+            assert await asyncio.wait_for(receive_all(st, fd), 60) == len(data)
+            await st.finish()
+    finally:
+        os.close(fd)
+    assert read(target) == data
+
+
+async def test_receive_into_with_holes_and_a_writer(env: Env) -> None:
+    """The transfers' loop: runs between holes, the holes handed to the caller."""
+    size = 6 * MiB
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    pieces: list[object] = []
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(size, 12, MODE_HOLES), sparse=True)
+            writer = BatchWriter(fd)
+            async for piece in _receive.receive_into(st, writer):
+                if isinstance(piece, Hole):
+                    await writer.skip(piece.length)
+                pieces.append(piece)
+            await writer.flush()
+            os.ftruncate(fd, writer.pos)
+            await st.finish()
+    finally:
+        os.close(fd)
+    holes = [p for p in pieces if isinstance(p, Hole)]
+    assert holes == [Hole(1 << 20)]
+    data = pattern(size, 12)
+    half = size // 2
+    assert read(target) == data[:half] + bytes(1 << 20) + data[half:]
+
+
+async def test_receive_into_over_its_limit_raises_before_writing(env: Env) -> None:
+    r, w = os.pipe()
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(3 * MiB, 13, MODE_NORMAL))
+            writer = SequentialWriter(w, inline=True)
+            got = 0
+            got_bytes = bytearray()
+
+            def drain() -> None:
+                while chunk := os.read(r, 1 << 20):
+                    got_bytes.extend(chunk)
+
+            reader = threading.Thread(target=drain)
+            reader.start()
+            try:
+                with pytest.raises(_receive.OverLimit):
+                    async for piece in _receive.receive_into(st, writer, limit=2 * MiB):
+                        assert isinstance(piece, int)
+                        got += piece
+                await st.abort()
+            finally:
+                os.close(w)
+                w = -1
+                reader.join(10)
+            assert got <= 2 * MiB
+            assert len(got_bytes) == got
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+
+
+async def test_runs_past_the_process_limit_take_the_ordinary_way(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every run slot taken, transfers still complete, through the loop."""
+    monkeypatch.setattr(_direct, "_slots", threading.BoundedSemaphore(1))
+    assert _direct._slots.acquire(blocking=False)  # the only slot, held
+    try:
+        data = pattern(3 * MiB, 14)
+        target = env.path("out.bin")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            async with await virnet.connect(env.uri) as c:
+                st = await c.open_stream(SOURCE, StreamArgs(len(data), 14, MODE_NORMAL))
+                assert await receive_all(st, fd) == len(data)
+                await st.finish()
+                assert c.protocol.direct.runs == 0
+        finally:
+            os.close(fd)
+        assert read(target) == data
+    finally:
+        _direct._slots.release()
+
+
+async def test_uploads_to_the_server_use_runs_too(env: Env) -> None:
+    """The server side: an upload handler that reads with ``recv_into``."""
+    data = pattern(10 * MiB, 15)
+    target = env.path("up.bin")
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    server = virnet.Server()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    runs: list[int] = []
+
+    async def sink(ctx: virnet.CallContext, args: StreamArgs) -> None:
+        st = ctx.accept_stream(StreamResult(args.size))
+        n = await receive_all(st, fd)
+        runs.append(ctx.connection.direct.runs)
+        done.set_result(n)
+
+    server.register(SINK, sink)
+    uri = str(await server.listen(sock_uri(env.tmp, "up.sock")))
+    try:
+        async with await virnet.connect(uri) as c:
+            st = await c.open_stream(SINK, StreamArgs(len(data), 15, MODE_NORMAL))
+            await st.send(data)
+            await st.finish()
+        assert await done == len(data)
+        assert runs[0] >= 1
+    finally:
+        await server.close(grace=1)
+        os.close(fd)
+    assert read(target) == data
