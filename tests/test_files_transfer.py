@@ -596,6 +596,32 @@ async def test_download_when_the_socket_takes_no_file_data_at_once(
         assert await c.call(f.STAT, f.PathArgs("d.bin"))
 
 
+async def test_download_where_the_transport_cannot_send_files(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection without a plain socket under it (send_fd -1) reads the file into
+    memory and sends that: same bytes, no sendfile."""
+    from virnet import _protocol
+
+    real_made = _protocol.RPCProtocol.connection_made
+
+    def made(self: _protocol.RPCProtocol, transport: Any) -> None:
+        real_made(self, transport)
+        self.send_fd = -1
+
+    def refuse(*args: Any) -> int:
+        raise AssertionError("sendfile used")
+
+    monkeypatch.setattr(_protocol.RPCProtocol, "connection_made", made)
+    monkeypatch.setattr(os, "sendfile", refuse)
+    data = pattern(2 * MiB + 5, 31)
+    write(env.path("d.bin"), data)
+    async with await virnet.connect(env.uri) as c:
+        assert await download(c, "d.bin") == (len(data), data)
+        size, got = await download(c, "d.bin", offset=3, length=MiB)
+        assert (size, got) == (MiB, data[3 : 3 + MiB])
+
+
 async def test_download_of_a_file_that_shrinks_meanwhile_fails(env: Env) -> None:
     """The file is read as it goes out: if it shrinks, the download fails (the packet
     headers already announced the bytes), never ends short as if complete."""
