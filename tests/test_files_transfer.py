@@ -557,6 +557,89 @@ async def test_download_whole_offset_and_length(env: Env) -> None:
     assert read(env.path("d.bin")) == data
 
 
+async def test_download_goes_from_the_file_into_the_socket(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a plain socket the daemon sends the file's pages with sendfile (no read into
+    a buffer of its own); the bytes are the file's, offsets and odd lengths included."""
+    sent = [0]
+    real = os.sendfile
+
+    def counting(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        n = real(out_fd, in_fd, offset, count)
+        sent[0] += n
+        return n
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    data = pattern(3 * MiB + 7, 19)
+    write(env.path("d.bin"), data)
+    async with await virnet.connect(env.uri) as c:
+        assert await download(c, "d.bin") == (len(data), data)
+        size, got = await download(c, "d.bin", offset=4097, length=MiB + 3)
+        assert (size, sha(got)) == (MiB + 3, sha(data[4097 : 4097 + MiB + 3]))
+    assert sent[0] > 2 * MiB
+
+
+async def test_download_when_the_socket_takes_no_file_data_at_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where sendfile would wait (the socket is full), the span is read into memory and
+    left to the transport: the same bytes, in order with the packets around them."""
+    def full(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        raise BlockingIOError(errno.EAGAIN, "full")
+
+    monkeypatch.setattr(os, "sendfile", full)
+    data = pattern(2 * MiB + 11, 23)
+    write(env.path("d.bin"), data)
+    async with await virnet.connect(env.uri) as c:
+        assert await download(c, "d.bin") == (len(data), data)
+        assert await c.call(f.STAT, f.PathArgs("d.bin"))
+
+
+async def test_download_where_the_transport_cannot_send_files(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection without a plain socket under it (socket_fd -1) reads the file into
+    memory and sends that: same bytes, no sendfile."""
+    from virnet import _protocol
+
+    real_made = _protocol.RPCProtocol.connection_made
+
+    def made(self: _protocol.RPCProtocol, transport: Any) -> None:
+        real_made(self, transport)
+        self.socket_fd = -1
+
+    def refuse(*args: Any) -> int:
+        raise AssertionError("sendfile used")
+
+    monkeypatch.setattr(_protocol.RPCProtocol, "connection_made", made)
+    monkeypatch.setattr(os, "sendfile", refuse)
+    data = pattern(2 * MiB + 5, 31)
+    write(env.path("d.bin"), data)
+    async with await virnet.connect(env.uri) as c:
+        assert await download(c, "d.bin") == (len(data), data)
+        size, got = await download(c, "d.bin", offset=3, length=MiB)
+        assert (size, got) == (MiB, data[3 : 3 + MiB])
+
+
+async def test_download_of_a_file_that_shrinks_meanwhile_fails(env: Env) -> None:
+    """The file is read as it goes out: if it shrinks, the download fails (the packet
+    headers already announced the bytes), never ends short as if complete."""
+    data = pattern(64 * MiB, 29)
+    write(env.path("d.bin"), data)
+    async with await virnet.connect(env.uri) as c:
+        st = await c.open_stream(f.DOWNLOAD, f.TransferArgs("d.bin", 0, 0, 0))
+        first = await st.recv()
+        assert first
+        os.truncate(env.path("d.bin"), 0)
+        got = len(first)
+        with pytest.raises((StreamError, ConnectionClosedError)):
+            while chunk := await st.recv():
+                got += len(chunk)
+            await st.finish()
+        assert got < len(data)
+
+
 async def test_download_out_of_range_is_an_error_reply(env: Env) -> None:
     write(env.path("d.bin"), b"0123456789")
     async with await virnet.connect(env.uri) as c:

@@ -385,7 +385,7 @@ class DirectReader:
         proto = self.proto
         if (
             self.busy
-            or proto.recv_fd < 0
+            or proto.socket_fd < 0
             or proto.transport is None
             or not core.can_take_direct()
         ):
@@ -433,7 +433,7 @@ class DirectReader:
         offset = req.offset
         limit = None if req.limit is None else req.limit - queued
         run = DirectRun(
-            proto.recv_fd,
+            proto.socket_fd,
             core.key,
             req.fd,
             offset,

@@ -44,6 +44,54 @@ def segments(fd: int, start: int, end: int) -> Iterator[tuple[bool, int, int]]:
         pos = data_end
 
 
+class FileSource:
+    """A file that stream packets are sent from without passing through our memory
+    (``FileSpan``).  It holds a descriptor of its own (a duplicate), closed when the
+    last span referring to it is gone: spans may still be queued, or being written,
+    after the code that queued them has closed its own descriptor."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = os.dup(fd)
+
+    def __del__(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class FileSpan:
+    """``length`` bytes of a ``FileSource`` from ``offset``, queued on a stream in place
+    of a buffer.  The connection writes it with ``sendfile`` (the kernel moves the
+    file's pages into the socket: no read into a buffer, no second copy) where the
+    socket can take it at once, and reads it into memory otherwise."""
+
+    __slots__ = ("length", "offset", "source")
+
+    def __init__(self, source: FileSource, offset: int, length: int) -> None:
+        self.source = source
+        self.offset = offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def split(self, n: int) -> tuple[FileSpan, FileSpan]:
+        """The first ``n`` bytes and the rest."""
+        return (
+            FileSpan(self.source, self.offset, n),
+            FileSpan(self.source, self.offset + n, self.length - n),
+        )
+
+    def read(self) -> bytes:
+        """The span's bytes, read now; ``OSError`` (EIO) if the file has fewer."""
+        data = os.pread(self.source.fd, self.length, self.offset)
+        if len(data) != self.length:
+            raise OSError(errno.EIO, f"file shrank while sending (at offset {self.offset})")
+        return data
+
+
 #: Read buffers one transfer may keep for reuse: enough for everything a stream has in
 #: flight at once (its send queue, the transport's buffer, the block being read).
 POOL_LIMIT = 12

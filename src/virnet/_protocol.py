@@ -21,13 +21,16 @@ with the bulk limits.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 import sys
 from typing import cast
 
 from ._core import Buffer, ConnectionCore, KeepaliveAction
 from ._direct import DirectReader
+from ._fileio import FileSpan
 from .constants import STREAM_CHUNK
 from .errors import ConnectionClosedError, ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
@@ -109,10 +112,11 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self._reading_paused = False
         self._read_pausers: set[object] = set()  # why reading is paused (bounded memory)
         self._read_size = 0  # size of the buffer last handed to the transport
-        #: The socket's descriptor where a worker thread may read stream data straight
-        #: into a file while the transport's reading is paused (a plain socket, no
-        #: TLS: ``virnet._direct``); -1 elsewhere.
-        self.recv_fd = -1
+        #: A plain socket's descriptor (no TLS), -1 elsewhere: stream data may be sent
+        #: from files with ``sendfile`` on it, and a worker thread may read stream data
+        #: from it straight into a file while the transport's reading is paused
+        #: (``virnet._direct``).
+        self.socket_fd = -1
         self.direct = DirectReader(self)
         #: A call, reply or event arrived in this read: let its task run before more
         #: bulk data is read (see ``buffer_updated``).
@@ -132,7 +136,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             and transport.get_extra_info("sslcontext") is None
             and transport.get_extra_info("ssl_object") is None
         ):
-            self.recv_fd = sock.fileno()
+            # Bytes written to this descriptor go straight onto the wire, in order
+            # with the transport's own writes once its buffer is empty.
+            self.socket_fd = sock.fileno()
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -195,7 +201,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
                 err.__cause__ = exc
                 self.close_exc = err
         self.transport = None
-        self.recv_fd = -1
+        self.socket_fd = -1
         self._unix_sock = None  # its descriptor may be reused from now on
         self.direct.connection_lost()
         if self._flush_handle is not None:
@@ -397,12 +403,82 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
                 self._set_sndbuf(lean=False)
         out: list[Buffer] = self.take_output(0 if self._write_paused else budget, packet_limit)
         if out:
-            transport.writelines(out)
+            for item in out:
+                if isinstance(item, FileSpan):
+                    self._write_with_files(transport, out)
+                    break
+            else:
+                transport.writelines(out)
+            if self.transport is None:
+                return
             self.on_written()
         if self.has_output() and not self._write_paused:
             # Stream data still waiting and room left: continue next iteration so that
             # other tasks (and incoming calls) get their turn in between.
             self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _write_with_files(self, transport: asyncio.Transport, out: list[Buffer]) -> None:
+        """Write ``out``, in which some payloads are ``FileSpan``: each one goes out
+        with ``sendfile`` when everything before it is already in the socket (the
+        transport's buffer is empty) and the socket takes it whole; whatever the socket
+        does not take at once, and every buffer after it in ``out``, is read into
+        memory and left to the transport, which waits for the socket as usual."""
+        fd = self.socket_fd
+        pending: list[Buffer] = []
+        # Once the transport is closing, its descriptor may be closed (and reused) at
+        # any time: only the transport writes then.
+        direct = fd >= 0 and not transport.is_closing()
+        try:
+            for item in out:
+                if not isinstance(item, FileSpan):
+                    pending.append(item)
+                    continue
+                if direct:
+                    if pending:
+                        transport.writelines(pending)
+                        pending = []
+                    direct = transport.get_write_buffer_size() == 0
+                if direct:
+                    item = self._send_span(fd, item)
+                    if item is None:
+                        continue
+                    direct = False  # the socket is full: the rest through the transport
+                pending.append(item.read())
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.abort_connection(ConnectionClosedError(f"connection lost: {exc}"))
+            else:
+                # The packet's header, already written, announced bytes the file no
+                # longer has (it shrank), or the file cannot be read: the connection
+                # cannot go on, its framing would be lost.
+                self.abort_connection(ProtocolError(f"stream data could not be sent: {exc}"))
+            return
+        if pending:
+            transport.writelines(pending)
+
+    @staticmethod
+    def _send_span(fd: int, span: FileSpan) -> FileSpan | None:
+        """Send as much of ``span`` as the socket takes now; None if all of it, else
+        the part left."""
+        src = span.source.fd
+        offset = span.offset
+        left = span.length
+        while left:
+            try:
+                n = os.sendfile(fd, src, offset, left)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if n == 0:
+                raise OSError(errno.EIO, f"file shrank while sending (at offset {offset})")
+            offset += n
+            left -= n
+        if not left:
+            return None
+        return FileSpan(span.source, offset, left)
 
     # ------------------------------------------------------------------ keepalive
     def start_keepalive(self) -> None:

@@ -24,6 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from . import protocol, xdr
+from ._fileio import FileSpan
 from ._impl import Message, encode_message, pack_header
 from .constants import (
     CONTROL_CREDIT,
@@ -218,7 +219,7 @@ class StreamCore:
         self.grant_step = max(1, min(window // 2, window - STREAM_CHUNK))
         self.over_limit = False
         # send side
-        self.tx: deque[Any] = deque()  # memoryview/bytes chunk | Hole | EOF | FINISH | error
+        self.tx: deque[Any] = deque()  # chunk (buffer, FileSpan) | Hole | EOF | FINISH | error
         self.tx_bytes = 0
         peer_window = conn.peer_window
         self.credit = peer_window if native else 0
@@ -282,7 +283,7 @@ class StreamCore:
             return False
         if self.native:
             head = tx[0]
-            if isinstance(head, memoryview | bytes):
+            if isinstance(head, memoryview | bytes | FileSpan):
                 return len(head) <= self.credit
         return True
 
@@ -360,7 +361,7 @@ class StreamCore:
             return None
         head = tx[0]
         out: list[Buffer]
-        if isinstance(head, memoryview | bytes):
+        if isinstance(head, memoryview | bytes | FileSpan):
             n = len(head)
             split = n > limit
             if split:
@@ -370,9 +371,12 @@ class StreamCore:
                     return None  # a CREDIT will reschedule us
                 self.credit -= n
             if split:
-                view = memoryview(head)
-                tx[0] = view[n:]
-                head = view[:n]
+                if isinstance(head, FileSpan):
+                    head, tx[0] = head.split(n)
+                else:
+                    view = memoryview(head)
+                    tx[0] = view[n:]
+                    head = view[:n]
             else:
                 tx.popleft()
             self.tx_bytes -= n

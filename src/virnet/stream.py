@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from ._core import Buffer
+from ._fileio import FileSource, FileSpan
 from ._streams import (
     EOF,
     SEND_QUEUE_LIMIT,
@@ -226,6 +227,45 @@ class Stream:
         if core.tx_bytes >= SEND_QUEUE_LIMIT:
             await self._wait_send_room()
 
+    @property
+    def sends_files(self) -> bool:
+        """True where ``send_file`` hands file data to the kernel without reading it
+        into this process (a plain socket); elsewhere (TLS) it reads it here."""
+        return self._proto.socket_fd >= 0
+
+    async def send_file(self, fd: int, offset: int, length: int) -> None:
+        """Send ``length`` bytes of the regular file ``fd`` from ``offset``, like
+        ``send`` of their contents.  Where the connection can (``sends_files``), the
+        bytes are read when they go out, with ``sendfile``, never through a buffer of
+        ours: the file must not shrink meanwhile (if it does, the connection is closed:
+        a packet's header already announced the bytes).  ``fd`` may be closed once this
+        returns: queued data refers to a duplicate."""
+        if not self.sends_files:
+            from ._fileio import read_blocks
+
+            blocks = read_blocks(fd, offset, length)
+            try:
+                async for block in blocks:
+                    await self.send(block)
+            finally:
+                await blocks.aclose()
+            return
+        core = self._core
+        core.check_send()
+        source = FileSource(fd)
+        end = offset + length
+        chunk = core.chunk
+        queue = core.queue
+        while offset < end:
+            if core.tx_bytes >= SEND_QUEUE_LIMIT:
+                await self._wait_send_room()
+                core.check_send()
+            n = min(chunk, end - offset)
+            queue(FileSpan(source, offset, n), n)
+            offset += n
+        if core.tx_bytes >= SEND_QUEUE_LIMIT:
+            await self._wait_send_room()
+
     def try_send(self, data: Buffer) -> int:
         """Queue as much of ``data`` as fits without waiting; returns the byte count.
         Raises ``BlockingIOError`` when nothing fits (libvirt's -2)."""
@@ -314,7 +354,7 @@ class Stream:
     @property
     def can_recv_directly(self) -> bool:
         """``recv_into`` can take runs on this connection (a plain socket, not TLS)."""
-        return self._proto.recv_fd >= 0
+        return self._proto.socket_fd >= 0
 
     async def recv_into(
         self,

@@ -24,7 +24,7 @@ import contextlib
 from collections.abc import Callable
 
 from . import _localfile
-from ._fileio import read_blocks, read_until_eof, segments
+from ._fileio import IO_BATCH, read_until_eof, segments
 from ._localfile import LengthError, LocalFileError, Source
 from ._receive import OverLimit, receive_into
 from .client import Client
@@ -116,12 +116,16 @@ async def _send_file(
             await stream.send_hole(length)
             done += length
         else:
-            async with contextlib.aclosing(read_blocks(fd, start, length)) as blocks:
-                async for block in blocks:
-                    await stream.send(block)
-                    done += len(block)
-                    if progress:
-                        progress(done)
+            # On a plain socket the file's pages go straight into it (sendfile), never
+            # through a buffer here; pieces of IO_BATCH keep the progress moving.
+            end = start + length
+            while start < end:
+                n = min(IO_BATCH, end - start)
+                await stream.send_file(fd, start, n)
+                start += n
+                done += n
+                if progress:
+                    progress(done)
     if progress:
         progress(done)
     return done

@@ -22,7 +22,7 @@ import contextlib
 import functools
 import os
 
-from .._fileio import IO_BATCH, BatchWriter, read_blocks, segments
+from .._fileio import IO_BATCH, BatchWriter, segments
 from .._receive import OverLimit, receive_into
 from .._syscalls import punch_hole
 from ..errors import ErrorCode, ErrorDomain, RPCError
@@ -179,9 +179,9 @@ class TransferService:
                 if not is_data:
                     await stream.send_hole(length)
                     continue
-                async with contextlib.aclosing(read_blocks(fd, start, length)) as blocks:
-                    async for block in blocks:
-                        await stream.send(block)
+                # On a plain socket the file's pages go from the page cache into the
+                # socket (sendfile): no read into a buffer here, no second copy.
+                await stream.send_file(fd, start, length)
         except OSError as exc:
             raise system_error(exc, f"read {args.path!r}") from None
         finally:
