@@ -32,7 +32,7 @@ from _rpcutil import (
     short_tmpdir,
     sock_uri,
 )
-from virnet import _direct, _receive
+from virnet import _direct, _receive, _streams
 from virnet._fileio import BatchWriter, SequentialWriter
 from virnet.errors import StreamError
 from virnet.stream import Hole, Stream
@@ -418,3 +418,29 @@ async def test_uploads_to_the_server_use_runs_too(env: Env) -> None:
         await server.close(grace=1)
         os.close(fd)
     assert read(target) == data
+
+
+async def test_bonus_credit_never_trips_the_window_check(env: Env) -> None:
+    """A run grants extra credit once; if the reader then goes back to reading
+    through memory (and lags), the sender may fill the larger window, which must not
+    count as a flow-control violation."""
+    data = pattern(24 * MiB, 16)
+    target = env.path("out.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        async with await virnet.connect(env.uri) as c:
+            st = await c.open_stream(SOURCE, StreamArgs(len(data), 16, MODE_NORMAL))
+            n = await st.recv_into(fd, 0, limit=512 * 1024)
+            assert n > 0
+            core = st._core
+            assert core.bonus_granted
+            assert core.window == c.protocol.window + _streams.DIRECT_BONUS
+            await asyncio.sleep(0.5)  # lag: the sender fills what it was granted
+            assert st.buffered > c.protocol.window  # more than the plain window
+            rest = bytearray()
+            assert await st.recv_all(rest.extend) == len(data) - n
+            await st.finish()
+    finally:
+        os.close(fd)
+    assert read(target)[:n] == data[:n]
+    assert bytes(rest) == data[n:]

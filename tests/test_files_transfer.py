@@ -983,3 +983,41 @@ async def test_checksum_of_a_fifo_is_refused_without_hanging() -> None:
             await daemon.stop()
     finally:
         remove_tree(tmp)
+
+
+async def test_download_drains_the_transport_when_the_socket_fills(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the socket is full, the rest of that flush waits in the transport, and the
+    connection takes no more stream data until the transport has written all of it
+    (so the next packets go out with sendfile again); the bytes stay whole and in
+    order through the pause and the resume."""
+    from virnet import _fileio, _protocol
+
+    read_bytes = 0
+    drains = 0
+    real_read = _fileio.FileSpan.read
+    real_drain = _protocol.RPCProtocol._drain_for_files
+
+    def counting_read(self: _fileio.FileSpan) -> bytes:
+        nonlocal read_bytes
+        read_bytes += self.length
+        return real_read(self)
+
+    def counting_drain(self: _protocol.RPCProtocol, transport: Any) -> None:
+        nonlocal drains
+        drains += 1
+        real_drain(self, transport)
+
+    monkeypatch.setattr(_fileio.FileSpan, "read", counting_read)
+    monkeypatch.setattr(_protocol.RPCProtocol, "_drain_for_files", counting_drain)
+    data = pattern(64 * MiB, 33)
+    write(env.path("d.bin"), data)
+    # A window larger than the socket's buffer, so that credit lets the daemon fill it.
+    async with await virnet.connect(env.uri, window=32 * MiB) as c:
+        size, got = await download(c, "d.bin")
+    assert (size, got) == (len(data), data)
+    if read_bytes:  # the socket filled at least once (not on every loop)
+        assert drains
+    for conn in env.daemon.server.connections:
+        assert not conn._draining_files

@@ -449,6 +449,7 @@ class DirectReader:
         req.prefix_bytes = queued
         self._current = req
         proto.hold_reading(_DIRECT, True)
+        core.grant_direct_bonus()
         thread = threading.Thread(
             target=self._in_thread, args=(run,), name=THREAD_NAME, daemon=True
         )

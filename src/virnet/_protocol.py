@@ -105,6 +105,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self._flush_after_read = False
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._write_paused = False
+        self._draining_files = False  # see ``_drain_for_files``
         self._lean_until = 0.0  # loop time until which the connection stays lean; 0: bulk
         self._lean_renewed = False  # note_interactive since the last flush: renew the hold
         self._unix_sock: socket.socket | None = None  # its send buffer shrinks while lean
@@ -226,6 +227,11 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._draining_files:
+            self._draining_files = False
+            transport = self.transport
+            if transport is not None and not self._lean_until:
+                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         if self.has_output():
             self.on_output()
 
@@ -455,6 +461,18 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             return
         if pending:
             transport.writelines(pending)
+        if transport.get_write_buffer_size():
+            self._drain_for_files(transport)
+
+    def _drain_for_files(self, transport: asyncio.Transport) -> None:
+        """The socket is full and the transport holds the rest of a flush: take no
+        more stream data until the transport has written *all* of it, so the next
+        packets go out with ``sendfile`` again.  With the usual limits it would
+        resume at the low-water mark, its buffer never empty, and every later file
+        span would be read into memory (the pause-drain-send pattern of asyncio's
+        own ``sendfile`` fallback)."""
+        self._draining_files = True
+        transport.set_write_buffer_limits(high=0, low=0)  # pauses writing at once
 
     @staticmethod
     def _send_span(fd: int, span: FileSpan) -> FileSpan | None:

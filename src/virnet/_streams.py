@@ -52,6 +52,13 @@ _CONTINUE: Final = int(MessageStatus.CONTINUE)
 #: for copies of mutable data; views of immutable data cost nothing but count too).
 SEND_QUEUE_LIMIT: Final = 1024 * 1024
 _CREDIT = struct.Struct(">IIiII")  # protocol.Credit, packed directly on the hot path
+#: Extra credit granted once to a stream when its data starts going straight into a
+#: file (a direct run): such data holds no memory here, and the window alone (4 MiB,
+#: most of it sitting in the socket buffers) left the sender waiting for CREDIT: a
+#: 2 GiB upload in place took 1.1-1.2 s with it, 0.9-1.0 s with 16 MiB.  The
+#: stream's window grows by the same amount, so if its reader goes back to reading
+#: through memory, what it may hold is bounded by the larger window.
+DIRECT_BONUS: Final = 12 * 1024 * 1024
 
 
 class StreamState(enum.Enum):
@@ -136,6 +143,7 @@ class StreamCore:
     """One stream end's protocol state (see the module docstring)."""
 
     __slots__ = (
+        "bonus_granted",
         "budget_released",
         "bytes_received",
         "bytes_sent",
@@ -214,6 +222,7 @@ class StreamCore:
         window = self.window = conn.window if native else conn.legacy_rx_limit
         self.consumed = 0  # consumed since the last CREDIT we granted
         self.budget_released = False  # our queued bytes left the connection's total
+        self.bonus_granted = False  # ``grant_direct_bonus`` happened
         # Grant in half-window steps (h2, yamux, SSH do the same): few CREDIT messages,
         # and the sender never runs dry while one is in flight.
         self.grant_step = max(1, min(window // 2, window - STREAM_CHUNK))
@@ -607,6 +616,14 @@ class StreamCore:
             self.consumed += n
             if self.consumed >= self.grant_step:
                 self.grant()
+
+    def grant_direct_bonus(self) -> None:
+        """A direct run starts: once per stream, grant ``DIRECT_BONUS`` more credit."""
+        if self.native and not self.bonus_granted and self.state not in _CLOSED:
+            self.bonus_granted = True
+            self.window += DIRECT_BONUS
+            self.consumed += DIRECT_BONUS
+            self.grant()
 
     def discard_unread(self) -> None:
         """Server, the handler returned: drop (and credit) what it did not read, and
