@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import stat
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -530,14 +531,35 @@ class ServerConnection(RPCProtocol):
         self.note_interactive()
 
 
+#: Types whose instances ``inspect.isawaitable`` refused (for every call of a plain
+#: handler it costs as much as the rest of the check: the ``Awaitable`` ABC goes through
+#: ``ABCMeta.__instancecheck__``).  It depends on the type alone except for generators
+#: (one made by ``types.coroutine`` is awaitable), which are never cached.  Bounded: a
+#: handler returning ever new types just stops being cached.
+_NOT_AWAITABLE: set[type] = set()
+_NOT_AWAITABLE_MAX = 256
+
+
 def _plain_result(proc: Procedure[Any, Any], result: Any) -> Any:
     """What a plain-function handler returned, refused if it is an awaitable: the
     handler was taken for a plain function but is not one (a server bug)."""
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise TypeError(f"the plain-function handler of {proc!r} returned an awaitable")
-    return result
+    kind = type(result)
+    # (``isinstance`` also consults ``__class__``: a proxy claiming another class is
+    # checked in full every time.)
+    plain_class = result.__class__ is kind
+    if plain_class and kind in _NOT_AWAITABLE:
+        return result
+    if not inspect.isawaitable(result):
+        if (
+            plain_class
+            and kind is not types.GeneratorType
+            and len(_NOT_AWAITABLE) < _NOT_AWAITABLE_MAX
+        ):
+            _NOT_AWAITABLE.add(kind)
+        return result
+    if inspect.iscoroutine(result):
+        result.close()
+    raise TypeError(f"the plain-function handler of {proc!r} returned an awaitable")
 
 
 def _handler_failed(proc: Procedure[Any, Any], exc: Exception) -> RPCError:
