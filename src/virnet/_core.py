@@ -8,7 +8,9 @@ tasks, moves bytes between the transport and the core, and drives the keepalive 
 What the core owns:
 
 * the frame decoder, and validation of every packet's type/status against the role;
-* serial allocation and the set of calls awaiting a reply (replies may come in any order);
+* serial allocation and the set of calls awaiting a reply (replies may come in any order),
+  kept by the wire core's ``Calls``, which also checks and routes every CALL and REPLY
+  (the per-call hot path) and hands the other packets to ``receive_other``;
 * the stream routing table: streams are opened and unregistered only here
   (``open_stream`` / ``unregister_stream``); each stream's own state machine, queues and
   credit are a ``_streams.StreamCore``;
