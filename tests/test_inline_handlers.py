@@ -180,3 +180,54 @@ async def test_a_client_that_reads_nothing_holds_plain_function_calls_back(
         assert sorted(serials) == list(range(1, calls + 1))
     finally:
         greedy.close()
+
+
+def test_an_awaitable_from_a_plain_function_is_refused_even_after_plain_results() -> None:
+    """The check of a plain handler's result caches the types found not awaitable; an
+    awaitable is refused whatever was returned before, and a proxy claiming another
+    class is never taken from the cache."""
+    import inspect
+    import types
+
+    from virnet import server as server_mod
+
+    class Result:
+        pass
+
+    class Proxy:
+        def __init__(self, cls: type) -> None:
+            self._cls = cls
+
+        @property  # type: ignore[misc]
+        def __class__(self) -> type:  # what a proxy does
+            return self._cls
+
+    class Awaits:
+        def __await__(self) -> Any:
+            yield
+
+    @types.coroutine
+    def legacy() -> Any:
+        yield
+
+    async def coro() -> None:
+        pass
+
+    for _ in range(2):  # the second time from the cache
+        value = Result()
+        assert server_mod._plain_result(ECHO, value) is value
+    assert Result in server_mod._NOT_AWAITABLE
+    pending = coro()
+    with pytest.raises(TypeError, match="returned an awaitable"):
+        server_mod._plain_result(ECHO, pending)
+    assert inspect.getcoroutinestate(pending) == inspect.CORO_CLOSED  # no warning
+    for awaitable in (Awaits(), legacy()):
+        with pytest.raises(TypeError, match="returned an awaitable"):
+            server_mod._plain_result(ECHO, awaitable)
+        with pytest.raises(TypeError, match="returned an awaitable"):
+            server_mod._plain_result(ECHO, awaitable)
+    assert types.GeneratorType not in server_mod._NOT_AWAITABLE
+    for _ in range(2):
+        with pytest.raises(TypeError, match="returned an awaitable"):
+            server_mod._plain_result(ECHO, Proxy(Awaits))
+    assert Proxy not in server_mod._NOT_AWAITABLE

@@ -5,6 +5,7 @@
 # holds only code.
 
 cimport cython
+from libc.stdint cimport uint32_t
 
 
 @cython.final
@@ -57,3 +58,11 @@ cdef class Unpacker:
     cdef const unsigned char* _data
     cdef Py_ssize_t _pos
     cdef Py_ssize_t _end
+
+
+@cython.final
+cdef class Calls:
+    cdef bint _is_client
+    cdef uint32_t _next             # the next serial to allocate (never 0)
+    cdef dict _pending              # serial -> (prog, vers, proc) of unanswered calls
+    cdef public object received     # packets handed to dispatch (an int, like the twin's)

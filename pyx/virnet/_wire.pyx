@@ -40,6 +40,7 @@ from cpython.memoryview cimport (
 )
 from cpython.list cimport PyList_GET_ITEM
 from cpython.number cimport PyNumber_Index
+from cpython.object cimport Py_EQ, PyObject_RichCompareBool
 from cpython.ref cimport PyObject
 
 cdef extern from *:
@@ -585,19 +586,42 @@ def pack_header(prog, vers, proc, type, serial, status, payload_len=0):
     return _pack_header(prog, vers, proc, type, serial, status, payload_len)
 
 
+cdef inline Py_ssize_t _payload_len(object payload) except -1:
+    # The twin's ``len(payload) if not isinstance(payload, memoryview) else nbytes``.
+    if PyBytes_CheckExact(payload):
+        return len(<bytes>payload)
+    if not isinstance(payload, memoryview):
+        return len(payload)
+    return payload.nbytes
+
+
+cdef inline int _append_message(
+    object out, prog, vers, proc, mtype, serial, status, payload
+) except -1:
+    """``out.extend(encode_message(...))`` without the intermediate list."""
+    cdef Py_ssize_t n = _payload_len(payload)
+    header = _pack_header(prog, vers, proc, mtype, serial, status, n)
+    if type(out) is list:
+        (<list>out).append(header)
+        if n:
+            (<list>out).append(payload)
+    else:  # whatever the twin's ``out.extend`` does with it
+        out.extend([header, payload] if n else [header])
+    return 0
+
+
 def encode_message(prog, vers, proc, type, serial, status, payload=b""):
     """A whole packet as ``[header, payload]`` for ``writelines`` (payload not copied)."""
-    cdef Py_ssize_t n
-    if PyBytes_CheckExact(payload):
-        n = len(<bytes>payload)
-    elif not isinstance(payload, memoryview):
-        n = len(payload)
-    else:
-        n = payload.nbytes
+    cdef Py_ssize_t n = _payload_len(payload)
     header = _pack_header(prog, vers, proc, type, serial, status, n)
     if n == 0:
         return [header]
     return [header, payload]
+
+
+def queue_message(out, prog, vers, proc, type, serial, status, payload=b""):
+    """``out.extend(encode_message(...))``: append a whole packet to an output queue."""
+    _append_message(out, prog, vers, proc, type, serial, status, payload)
 
 
 def encode_stream_data(prog, vers, proc, serial, data, chunk_size=STREAM_CHUNK):
@@ -647,6 +671,139 @@ def encode_stream_data(prog, vers, proc, serial, data, chunk_size=STREAM_CHUNK):
         out.append(_header(<uint32_t>(n + MIN_PACKET), p, v, pr, STREAM_TYPE, s, CONTINUE_STATUS))
         out.append(view[pos:total])
     return out
+
+
+# ----------------------------------------------------------------------------- calls
+
+cdef enum:
+    CALL_TYPE = 0               # MessageType.CALL
+    REPLY_TYPE = 1              # MessageType.REPLY
+    OK_STATUS = 0               # MessageStatus.OK
+    ERROR_STATUS = 1            # MessageStatus.ERROR
+
+if (
+    int(_constants.MessageType.CALL) != CALL_TYPE
+    or int(_constants.MessageType.REPLY) != REPLY_TYPE
+    or int(_constants.MessageStatus.OK) != OK_STATUS
+    or int(_constants.MessageStatus.ERROR) != ERROR_STATUS
+):  # pragma: no cover - guards the twins against drifting apart
+    raise ImportError("virnet._wire was built against different wire constants")
+
+
+cdef inline int _is_value(object field, long long value) except -1:
+    """``field == value``: in C for an int that fits, else Python's comparison."""
+    cdef long long v
+    if _as_ll(field, &v):
+        return v == value
+    return 1 if field == value else 0
+
+
+cdef inline int _same(object a, object b) except -1:
+    # What a tuple comparison does per item: identity first, then ==.
+    return PyObject_RichCompareBool(a, b, Py_EQ)
+
+
+@cython.auto_pickle(False)
+cdef class Calls:
+    """One connection's calls: serial allocation, the calls awaiting a reply, and the
+    routing of received packets (the per-call hot path, so it lives in the wire core).
+
+    ``dispatch(core, msgs)`` takes the packets of one read in order: a REPLY is checked
+    against the role, its status and the call it answers (by serial, program, version
+    and procedure), then handed to ``core.on_reply(serial, status, payload)``; a CALL is
+    checked against the role and handed to ``core.on_call(msg)``; any other packet goes
+    to ``core.receive_other(msg)``.  A violation raises ``ProtocolError`` and stops
+    there, the packets after it left unrouted.  Nothing here touches a loop or a clock:
+    ``core`` is whatever object has those three methods.
+    """
+
+    def __init__(self, is_client):
+        self._is_client = bool(is_client)
+        self._next = 1
+        self._pending = {}
+        self.received = 0
+
+    @property
+    def is_client(self):
+        return self._is_client
+
+    @is_client.setter
+    def is_client(self, value):
+        self._is_client = bool(value)
+
+    @property
+    def pending(self):
+        """serial -> (prog, vers, proc) of every call sent and not answered yet."""
+        return self._pending
+
+    def allocate_serial(self):
+        cdef uint32_t serial = self._next
+        self._next = serial + 1 if serial != 0xFFFFFFFFU else 1
+        return serial
+
+    def add_call(self, out, prog, vers, proc, payload=b"", serial=None):
+        """Register a call (a new serial unless ``serial`` is given) and append its CALL
+        packet to ``out``; returns the serial."""
+        cdef uint32_t s
+        if serial is None:
+            s = self._next
+            self._next = s + 1 if s != 0xFFFFFFFFU else 1
+            serial = s
+        self._pending[serial] = (prog, vers, proc)
+        _append_message(out, prog, vers, proc, CALL_TYPE, serial, OK_STATUS, payload)
+        return serial
+
+    def dispatch(self, core, msgs):
+        """Check and route ``msgs`` in order (see the class docstring)."""
+        cdef Message m
+        cdef object expected
+        cdef tuple want
+        # Looked up once per read, not per packet.
+        on_reply = None
+        on_call = None
+        for msg in msgs:
+            self.received = self.received + 1
+            if type(msg) is Message:
+                m = <Message>msg
+            else:  # not one of ours: route it exactly as the twin does
+                m = Message.__new__(Message)
+                m.prog, m.vers, m.proc = msg.prog, msg.vers, msg.proc
+                m.type, m.serial, m.status, m.payload = (
+                    msg.type, msg.serial, msg.status, msg.payload
+                )
+            if _is_value(m.type, REPLY_TYPE):
+                if not self._is_client:
+                    raise ProtocolError("REPLY sent to a server")
+                status = m.status
+                if not _is_value(status, OK_STATUS) and not _is_value(status, ERROR_STATUS):
+                    raise ProtocolError(f"REPLY with invalid status {status}")
+                expected = self._pending.pop(m.serial, None)
+                if expected is None:
+                    raise ProtocolError(f"REPLY with serial {m.serial} answers no call")
+                if type(expected) is tuple and len(<tuple>expected) == 3:
+                    want = <tuple>expected
+                    matches = (
+                        _same(want[0], m.prog) and _same(want[1], m.vers)
+                        and _same(want[2], m.proc)
+                    )
+                else:
+                    matches = not (expected != (m.prog, m.vers, m.proc))
+                if not matches:
+                    raise ProtocolError(
+                        f"REPLY for serial {m.serial} names program {m.prog:#x} "
+                        f"v{m.vers} procedure {m.proc}, not the call's"
+                    )
+                if on_reply is None:
+                    on_reply = core.on_reply
+                on_reply(m.serial, status, m.payload)
+            elif _is_value(m.type, CALL_TYPE):
+                if self._is_client:
+                    raise ProtocolError("CALL sent to a client")
+                if on_call is None:
+                    on_call = core.on_call
+                on_call(msg)
+            else:
+                core.receive_other(msg)
 
 
 # ----------------------------------------------------------------------------- XDR: Packer

@@ -8,7 +8,9 @@ tasks, moves bytes between the transport and the core, and drives the keepalive 
 What the core owns:
 
 * the frame decoder, and validation of every packet's type/status against the role;
-* serial allocation and the set of calls awaiting a reply (replies may come in any order);
+* serial allocation and the set of calls awaiting a reply (replies may come in any order),
+  kept by the wire core's ``Calls``, which also checks and routes every CALL and REPLY
+  (the per-call hot path) and hands the other packets to ``receive_other``;
 * the stream routing table: streams are opened and unregistered only here
   (``open_stream`` / ``unregister_stream``); each stream's own state machine, queues and
   credit are a ``_streams.StreamCore``;
@@ -32,7 +34,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from . import protocol, xdr
-from ._impl import FrameDecoder, Message, encode_message
+from ._impl import Calls, FrameDecoder, Message, encode_message, queue_message
 from ._streams import StreamCore
 from .constants import (
     CONTROL_CREDIT,
@@ -54,7 +56,6 @@ Buffer = bytes | bytearray | memoryview
 _CREDIT = struct.Struct(">IIiII")  # protocol.Credit
 StreamKey = tuple[int, int, int, int]
 
-_CALL = int(MessageType.CALL)
 _REPLY = int(MessageType.REPLY)
 _MESSAGE = int(MessageType.MESSAGE)
 _STREAM = int(MessageType.STREAM)
@@ -135,7 +136,8 @@ class ConnectionCore:
         is_client: bool,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        self.is_client = is_client
+        #: Serials, the calls awaiting a reply, and the routing of received packets.
+        self.calls = Calls(is_client)
         self.limits = limits
         self.decoder = FrameDecoder(limits.max_message)
         self.peer = "?"  # a label for log messages (the glue sets the peer's address)
@@ -154,8 +156,6 @@ class ConnectionCore:
         self.deferred_grants: list[StreamCore] = []
         # Legacy streams over their receive limit: while any is, reading pauses.
         self._rx_over_limit: set[StreamCore] = set()
-        self._next_serial = 1
-        self._pending: dict[int, tuple[int, int, int]] = {}
         #: The routing table, written only by ``open_stream``/``unregister_stream``.
         self.streams: dict[StreamKey, StreamEndpoint] = {}
         # Control packets, calls, replies and events: always sent before stream data.
@@ -163,7 +163,14 @@ class ConnectionCore:
         # Stream endpoints with data ready, served round-robin one packet at a time.
         self._ready: deque[Any] = deque()
         self.bytes_received = 0
-        self.messages_received = 0
+
+    @property
+    def is_client(self) -> bool:
+        return self.calls.is_client
+
+    @property
+    def messages_received(self) -> int:
+        return self.calls.received
 
     # ------------------------------------------------------------------ hooks
     def on_call(self, msg: Message) -> None:
@@ -171,7 +178,8 @@ class ConnectionCore:
         raise ProtocolError("unexpected CALL")
 
     def on_reply(self, serial: int, status: int, payload: Buffer) -> None:
-        """The reply to one of our calls arrived (client role)."""
+        """The reply to one of our calls arrived (client role): its serial, program,
+        version and procedure were checked against the call (``Calls.dispatch``)."""
 
     def on_event(self, msg: Message) -> None:
         """A MESSAGE packet (async event) arrived that the core does not handle itself."""
@@ -213,42 +221,27 @@ class ConnectionCore:
         msgs = self.decoder.buffer_updated(nbytes)
         if msgs:
             self.keepalive.seen = True
-            for msg in msgs:
-                self.receive(msg)
+            self.calls.dispatch(self, msgs)
 
     def feed(self, data: Buffer) -> None:
         """Decode bytes already in memory (tests, non-buffered transports)."""
         self.bytes_received += len(data)
-        for msg in self.decoder.feed(data):
+        msgs = self.decoder.feed(data)
+        if msgs:
             self.keepalive.seen = True
-            self.receive(msg)
+            self.calls.dispatch(self, msgs)
 
     def receive(self, msg: Message) -> None:
         """Validate one packet and route it."""
-        self.messages_received += 1
+        self.calls.dispatch(self, [msg])
+
+    def receive_other(self, msg: Message) -> None:
+        """Validate and route a packet that is neither a CALL nor a REPLY (those, the
+        per-call hot path, are checked and routed by ``Calls.dispatch`` in the wire
+        core, which hands everything else here)."""
         mtype = msg.type
         status = msg.status
-        # Replies and calls first: they are the per-call hot path; a stream packet
-        # carries up to 256 KiB, so two more comparisons are nothing to it.
-        if mtype == _REPLY:
-            if not self.is_client:
-                raise ProtocolError("REPLY sent to a server")
-            if status != _OK and status != _ERROR:
-                raise ProtocolError(f"REPLY with invalid status {status}")
-            expected = self._pending.pop(msg.serial, None)
-            if expected is None:
-                raise ProtocolError(f"REPLY with serial {msg.serial} answers no call")
-            if expected != (msg.prog, msg.vers, msg.proc):
-                raise ProtocolError(
-                    f"REPLY for serial {msg.serial} names program {msg.prog:#x} v{msg.vers} "
-                    f"procedure {msg.proc}, not the call's"
-                )
-            self.on_reply(msg.serial, status, msg.payload)
-        elif mtype == _CALL:
-            if self.is_client:
-                raise ProtocolError("CALL sent to a client")
-            self.on_call(msg)
-        elif mtype in (_STREAM, _HOLE):
+        if mtype in (_STREAM, _HOLE):
             if mtype == _HOLE and status != _CONTINUE:
                 raise ProtocolError(f"STREAM_HOLE with status {status}")
             if status not in (_OK, _ERROR, _CONTINUE):
@@ -432,9 +425,7 @@ class ConnectionCore:
 
     # ------------------------------------------------------------------ calls
     def allocate_serial(self) -> int:
-        serial = self._next_serial
-        self._next_serial = (serial + 1) & 0xFFFFFFFF or 1
-        return serial
+        return self.calls.allocate_serial()
 
     def send_call(
         self,
@@ -448,12 +439,11 @@ class ConnectionCore:
     ) -> int:
         """Queue a CALL; returns its serial.  The reply comes to ``on_reply``.
         ``notify`` as for ``queue_urgent``."""
-        if serial is None:
-            serial = self.allocate_serial()
-        self._pending[serial] = (prog, vers, proc)
-        self.queue_urgent(
-            encode_message(prog, vers, proc, _CALL, serial, _OK, payload), notify=notify
-        )
+        urgent = self._urgent
+        was_empty = not urgent
+        serial = self.calls.add_call(urgent, prog, vers, proc, payload, serial)
+        if was_empty and notify:
+            self.on_output()
         return serial
 
     def send_reply(
@@ -468,9 +458,11 @@ class ConnectionCore:
         notify: bool = True,
     ) -> None:
         """Queue a REPLY; ``notify`` as for ``queue_urgent``."""
-        self.queue_urgent(
-            encode_message(prog, vers, proc, _REPLY, serial, status, payload), notify=notify
-        )
+        urgent = self._urgent
+        was_empty = not urgent
+        queue_message(urgent, prog, vers, proc, _REPLY, serial, status, payload)
+        if was_empty and notify:
+            self.on_output()
 
     def send_event(self, prog: int, vers: int, proc: int, payload: Buffer) -> None:
         self.queue_urgent(encode_message(prog, vers, proc, _MESSAGE, 0, _OK, payload))

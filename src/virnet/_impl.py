@@ -30,16 +30,19 @@ else:
 
 compiled: bool = bool(wire.IS_COMPILED)
 
+Calls = wire.Calls
 Message = wire.Message
 FrameDecoder = wire.FrameDecoder
 Packer = wire.Packer
 Unpacker = wire.Unpacker
 pack_header = wire.pack_header
 encode_message = wire.encode_message
+queue_message = wire.queue_message
 encode_stream_data = wire.encode_stream_data
 check_length = wire.check_length
 
 __all__ = [
+    "Calls",
     "FrameDecoder",
     "Message",
     "Packer",
@@ -49,5 +52,6 @@ __all__ = [
     "encode_message",
     "encode_stream_data",
     "pack_header",
+    "queue_message",
     "wire",
 ]

@@ -337,7 +337,8 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
     def flush_if_batched(self) -> None:
         """Write what is queued now if a batch's worth of calls or replies is waiting
         (``OUTPUT_BATCH``)."""
-        if self.urgent_backlog() >= OUTPUT_BATCH:
+        # ``len(self._urgent)`` is ``urgent_backlog()``, without a call: once per call.
+        if len(self._urgent) >= OUTPUT_BATCH:
             self.flush_now()
 
     def note_interactive(self) -> None:

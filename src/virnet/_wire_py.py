@@ -1,4 +1,5 @@
-"""The wire core in pure Python: framing, receive buffers, chunking, XDR primitives.
+"""The wire core in pure Python: framing, receive buffers, chunking, XDR primitives, and
+the per-call bookkeeping (``Calls``: serials, pending calls, CALL/REPLY routing).
 
 This module and the compiled ``virnet._wire`` (``pyx/virnet/_wire.pyx``) are twins with
 one interface; ``virnet._impl`` picks one.  Everything here is sans-IO: bytes go in,
@@ -26,7 +27,7 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from .constants import (
     HEADER_SIZE,
@@ -59,7 +60,11 @@ POOL_MAX: Final = 16
 #: Packets larger than this that are not already complete in the scratch buffer get their
 #: own buffer: copying them out of the scratch would cost more than the extra read.
 DIRECT_THRESHOLD: Final = 64 * 1024
+_CALL = int(MessageType.CALL)
+_REPLY = int(MessageType.REPLY)
 _STREAM = int(MessageType.STREAM)
+_OK = int(MessageStatus.OK)
+_ERROR = int(MessageStatus.ERROR)
 _CONTINUE = int(MessageStatus.CONTINUE)
 
 IS_COMPILED: Final = False
@@ -343,6 +348,121 @@ def encode_stream_data(
         out.append(view[pos : pos + n])
         pos += n
     return out
+
+
+def queue_message(
+    out: list[Buffer],
+    prog: int,
+    vers: int,
+    proc: int,
+    type: int,
+    serial: int,
+    status: int,
+    payload: Buffer = b"",
+) -> None:
+    """``out.extend(encode_message(...))``: append a whole packet to an output queue."""
+    out.extend(encode_message(prog, vers, proc, type, serial, status, payload))
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+class Calls:
+    """One connection's calls: serial allocation, the calls awaiting a reply, and the
+    routing of received packets (the per-call hot path, so it lives in the wire core).
+
+    ``dispatch(core, msgs)`` takes the packets of one read in order: a REPLY is checked
+    against the role, its status and the call it answers (by serial, program, version
+    and procedure), then handed to ``core.on_reply(serial, status, payload)``; a CALL is
+    checked against the role and handed to ``core.on_call(msg)``; any other packet goes
+    to ``core.receive_other(msg)``.  A violation raises ``ProtocolError`` and stops
+    there, the packets after it left unrouted.  Nothing here touches a loop or a clock:
+    ``core`` is whatever object has those three methods.
+    """
+
+    __slots__ = ("_is_client", "_next", "_pending", "received")
+
+    def __init__(self, is_client: bool) -> None:
+        self._is_client = bool(is_client)
+        self._next = 1
+        self._pending: dict[int, tuple[int, int, int]] = {}
+        #: Packets handed to ``dispatch`` so far.
+        self.received = 0
+
+    @property
+    def is_client(self) -> bool:
+        return self._is_client
+
+    @is_client.setter
+    def is_client(self, value: bool) -> None:
+        self._is_client = bool(value)
+
+    @property
+    def pending(self) -> dict[int, tuple[int, int, int]]:
+        """serial -> (prog, vers, proc) of every call sent and not answered yet."""
+        return self._pending
+
+    def __reduce__(self) -> Any:
+        # A live connection's bookkeeping means nothing elsewhere (the compiled twin
+        # refuses too).
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
+    def allocate_serial(self) -> int:
+        serial = self._next
+        self._next = (serial + 1) & 0xFFFFFFFF or 1
+        return serial
+
+    def add_call(
+        self,
+        out: list[Buffer],
+        prog: int,
+        vers: int,
+        proc: int,
+        payload: Buffer = b"",
+        serial: int | None = None,
+    ) -> int:
+        """Register a call (a new serial unless ``serial`` is given) and append its CALL
+        packet to ``out``; returns the serial."""
+        if serial is None:
+            serial = self.allocate_serial()
+        self._pending[serial] = (prog, vers, proc)
+        out.extend(encode_message(prog, vers, proc, _CALL, serial, _OK, payload))
+        return serial
+
+    def dispatch(self, core: Any, msgs: list[Message]) -> None:
+        """Check and route ``msgs`` in order (see the class docstring)."""
+        pending = self._pending
+        # The hooks are looked up once per read, not per packet.
+        on_reply: Any = None
+        on_call: Any = None
+        for msg in msgs:
+            self.received += 1
+            mtype = msg.type
+            if mtype == _REPLY:
+                if not self._is_client:
+                    raise ProtocolError("REPLY sent to a server")
+                status = msg.status
+                if status != _OK and status != _ERROR:
+                    raise ProtocolError(f"REPLY with invalid status {status}")
+                expected = pending.pop(msg.serial, None)
+                if expected is None:
+                    raise ProtocolError(f"REPLY with serial {msg.serial} answers no call")
+                if expected != (msg.prog, msg.vers, msg.proc):
+                    raise ProtocolError(
+                        f"REPLY for serial {msg.serial} names program {msg.prog:#x} "
+                        f"v{msg.vers} procedure {msg.proc}, not the call's"
+                    )
+                if on_reply is None:
+                    on_reply = core.on_reply
+                on_reply(msg.serial, status, msg.payload)
+            elif mtype == _CALL:
+                if self._is_client:
+                    raise ProtocolError("CALL sent to a client")
+                if on_call is None:
+                    on_call = core.on_call
+                on_call(msg)
+            else:
+                core.receive_other(msg)
 
 
 # ----------------------------------------------------------------------------- XDR

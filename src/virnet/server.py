@@ -29,10 +29,11 @@ import logging
 import os
 import socket
 import stat
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from . import protocol, xdr
 from ._blocking import WORKERS as BLOCKING_WORKERS
@@ -212,7 +213,9 @@ class ServerConnection(RPCProtocol):
         self.idle: list[asyncio.Future[None]] = []  # idle workers' wake-up futures
         self.wakeups = 0  # workers woken that have not started running yet
         self.active = 0  # calls being handled now
-        self.waiting: deque[Message] = deque()
+        #: Calls read but not started, with the registration ``on_call`` found for each
+        #: (None: not found then), so a worker need not look it up again.
+        self.waiting: deque[tuple[Message, _Registration | None]] = deque()
         self.state: dict[str, Any] = {}  # per-connection storage for services
         self.open_streams: set[Stream] = set()
         self.stream_tasks: set[asyncio.Task[Any]] = set()
@@ -258,7 +261,7 @@ class ServerConnection(RPCProtocol):
         if reg is not None and reg.inline and msg.status == _OK and self._drained is None:
             self._serve_inline(msg, reg)
             return
-        self.waiting.append(msg)
+        self.waiting.append((msg, reg))
         self._ensure_worker()
         self.defer_flush()  # let the woken worker run (and reply) before more bulk data
         if len(self.waiting) >= self.server.limits.max_queued_calls:
@@ -291,7 +294,7 @@ class ServerConnection(RPCProtocol):
                     await asyncio.shield(self._drained)
                     if not waiting:
                         break
-                msg = waiting.popleft()
+                msg, reg = waiting.popleft()
                 if self._read_pausers and len(waiting) < max_queued // 2:
                     self.hold_reading("call queue", False)
                 if waiting:
@@ -300,13 +303,15 @@ class ServerConnection(RPCProtocol):
                     self._ensure_worker()
                 self.active += 1
                 try:
-                    await self._dispatch(msg)
+                    await self._dispatch(msg, reg)
                 except Exception:  # pragma: no cover - _dispatch handles everything
                     log.exception("internal error dispatching a call from %s", self.peer)
                 finally:
                     self.active -= 1
-                    self._maybe_idle()
-                    if task is not None:
+                    # The checks are inlined: this runs for every call.
+                    if self._idle_waiters:
+                        self._maybe_idle()
+                    if self.stream_tasks and task is not None:
                         self.stream_tasks.discard(task)
                 self.flush_if_batched()
             # The queue is drained: send the replies now, in one write, rather than a
@@ -386,9 +391,11 @@ class ServerConnection(RPCProtocol):
             msg.prog, msg.vers, msg.proc, msg.serial, _ERROR, protocol.encode_error(exc)
         )
 
-    async def _dispatch(self, msg: Message) -> None:
-        # One lookup on the way of an ordinary call; everything else is ``_unroutable``.
-        reg = self._handlers.get((msg.prog, msg.vers, msg.proc))
+    async def _dispatch(self, msg: Message, reg: _Registration | None) -> None:
+        # ``on_call`` looked the handler up already; a call it found none for is looked
+        # up again (its handler may have been registered since), then ``_unroutable``.
+        if reg is None:
+            reg = self._handlers.get((msg.prog, msg.vers, msg.proc))
         if reg is None or msg.status != _OK:
             self._unroutable(msg)
             return
@@ -401,7 +408,7 @@ class ServerConnection(RPCProtocol):
             if reg.inline:  # queued while the client's replies drain (_pause_for_output)
                 result = _plain_result(proc, reg.handler(ctx, args))
             else:
-                result = await cast(Handler, reg.handler)(ctx, args)
+                result = await reg.handler(ctx, args)
             if proc.stream is None:
                 payload = proc.encode_ret(result)
             elif ctx.stream is None:
@@ -524,14 +531,35 @@ class ServerConnection(RPCProtocol):
         self.note_interactive()
 
 
+#: Types whose instances ``inspect.isawaitable`` refused (for every call of a plain
+#: handler it costs as much as the rest of the check: the ``Awaitable`` ABC goes through
+#: ``ABCMeta.__instancecheck__``).  It depends on the type alone except for generators
+#: (one made by ``types.coroutine`` is awaitable), which are never cached.  Bounded: a
+#: handler returning ever new types just stops being cached.
+_NOT_AWAITABLE: set[type] = set()
+_NOT_AWAITABLE_MAX = 256
+
+
 def _plain_result(proc: Procedure[Any, Any], result: Any) -> Any:
     """What a plain-function handler returned, refused if it is an awaitable: the
     handler was taken for a plain function but is not one (a server bug)."""
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise TypeError(f"the plain-function handler of {proc!r} returned an awaitable")
-    return result
+    kind = type(result)
+    # (``isinstance`` also consults ``__class__``: a proxy claiming another class is
+    # checked in full every time.)
+    plain_class = result.__class__ is kind
+    if plain_class and kind in _NOT_AWAITABLE:
+        return result
+    if not inspect.isawaitable(result):
+        if (
+            plain_class
+            and kind is not types.GeneratorType
+            and len(_NOT_AWAITABLE) < _NOT_AWAITABLE_MAX
+        ):
+            _NOT_AWAITABLE.add(kind)
+        return result
+    if inspect.iscoroutine(result):
+        result.close()
+    raise TypeError(f"the plain-function handler of {proc!r} returned an awaitable")
 
 
 def _handler_failed(proc: Procedure[Any, Any], exc: Exception) -> RPCError:
