@@ -485,7 +485,6 @@ class DirectReader:
         proto = self.proto
         proto.keepalive.seen = True
         proto.bytes_received += delta + (packets - self._applied_packets) * MIN_PACKET
-        proto.messages_received += packets - self._applied_packets
         self._applied_packets = packets
         req = self._current
         assert req is not None
