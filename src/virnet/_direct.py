@@ -59,7 +59,6 @@ PIPE_SIZE: Final = 1024 * 1024
 _COPY_BUFFER: Final = 256 * 1024
 _HAS_SPLICE: Final = hasattr(os, "splice")
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_GONE: Final = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT)
 
 
 class _Abandoned(Exception):
@@ -104,7 +103,6 @@ class DirectRun:
         self.max_payload = max_payload
         self.received = 0  # payload bytes taken from the socket
         self.packets = 0
-        self.written = 0  # bytes that reached the sink (prefix included)
         self.leftover = b""  # the bytes of the header that ended the run
         self.error: OSError | None = None  # writing to the sink failed
         self.lost: BaseException | None = None  # the connection failed inside a packet
@@ -218,9 +216,7 @@ class DirectRun:
                 data = os.read(self._sock, MIN_PACKET - len(got))
             except BlockingIOError:
                 continue
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
+            except OSError:
                 break  # the transport sees the same error when it reads again
             if not data:
                 break
@@ -234,8 +230,21 @@ class DirectRun:
         else:
             self._move_copied(n)
 
-    def _socket_wait(self) -> None:
-        self._wait(self._sock, select.POLLIN, mid_packet=True)
+    def _from_socket(self, read: Callable[[int], int], most: int) -> int:
+        """One read of at most ``most`` payload bytes, ``read(most)``, waiting while
+        the socket has none: the byte count.  Inside a packet a closed or failed
+        socket loses the framing (``_Lost``).  (EINTR is retried by ``os`` itself.)"""
+        while True:
+            try:
+                k = read(most)
+            except BlockingIOError:
+                self._wait(self._sock, select.POLLIN, mid_packet=True)
+                continue
+            except OSError as exc:
+                raise _Lost from exc
+            if k == 0:
+                raise _Lost from ConnectionClosedError("connection closed inside a packet")
+            return k
 
     def _move_spliced(self, n: int) -> None:
         pipe = self._pipe
@@ -246,21 +255,14 @@ class DirectRun:
             except OSError:  # over the system's pipe-max-size: the default will do
                 pass
         r, w = pipe
+        sock = self._sock
+
+        def into_pipe(most: int) -> int:
+            return os.splice(sock, w, most, flags=os.SPLICE_F_NONBLOCK)
+
         left = n
         while left:
-            try:
-                k = os.splice(
-                    self._sock, w, min(left, PIPE_SIZE), flags=os.SPLICE_F_NONBLOCK
-                )
-            except BlockingIOError:
-                self._socket_wait()
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise _Lost from exc
-            if k == 0:
-                raise _Lost from ConnectionClosedError("connection closed inside a packet")
+            k = self._from_socket(into_pipe, min(left, PIPE_SIZE))
             left -= k
             self._drain_pipe(r, k)
 
@@ -280,8 +282,6 @@ class DirectRun:
                 self._sink_wait()
                 continue
             except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
                 if exc.errno == errno.EINVAL and not self._spliced:
                     self._splice_out = False  # this sink cannot splice: copy instead
                     continue
@@ -292,7 +292,6 @@ class DirectRun:
                 continue
             k -= m
             self._spliced = True
-            self.written += m
             if self.offset is not None:
                 self.offset += m
 
@@ -311,19 +310,14 @@ class DirectRun:
         if buf is None:
             buf = self._buf = bytearray(_COPY_BUFFER)
         view = memoryview(buf)
+        sock = self._sock
+
+        def into_buffer(most: int) -> int:
+            return os.readv(sock, [view[:most]])
+
         left = n
         while left:
-            try:
-                k = os.readv(self._sock, [view[: min(left, len(view))]])
-            except BlockingIOError:
-                self._socket_wait()
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise _Lost from exc
-            if k == 0:
-                raise _Lost from ConnectionClosedError("connection closed inside a packet")
+            k = self._from_socket(into_buffer, min(left, len(view)))
             left -= k
             if self.error is None:
                 self._write_copy(view[:k])
@@ -341,12 +335,9 @@ class DirectRun:
                 self._sink_wait()
                 continue
             except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
                 self.error = exc
                 return
             data = data[m:]
-            self.written += m
             if self.offset is not None:
                 self.offset += m
 

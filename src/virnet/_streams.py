@@ -613,9 +613,7 @@ class StreamCore:
         never queued: count them, and return them to the peer as CREDIT as if read."""
         self.bytes_received += n
         if self.native and self.state not in _CLOSED:
-            self.consumed += n
-            if self.consumed >= self.grant_step:
-                self.grant()
+            self._return_credit(n)
 
     def grant_direct_bonus(self) -> None:
         """A direct run starts: once per stream, grant ``DIRECT_BONUS`` more credit."""
@@ -642,11 +640,16 @@ class StreamCore:
             self.over_limit = False
             conn.stream_over_limit(self, False)
         if self.native and self.state not in _CLOSED:
-            self.consumed += n
-            if self.consumed >= self.grant_step:
-                self.grant()
+            self._return_credit(n)
         if conn.deferred_grants and conn.rx_buffered <= conn.rx_budget:
             conn.release_deferred_grants()
+
+    def _return_credit(self, n: int) -> None:
+        """``n`` bytes were consumed (native mode, open stream): CREDIT them back once a
+        grant step's worth has gathered."""
+        self.consumed += n
+        if self.consumed >= self.grant_step:
+            self.grant()
 
     def grant(self) -> None:
         """Return what the reader consumed to the peer as CREDIT, unless the connection
