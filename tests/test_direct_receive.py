@@ -444,3 +444,58 @@ async def test_bonus_credit_never_trips_the_window_check(env: Env) -> None:
         os.close(fd)
     assert read(target)[:n] == data[:n]
     assert bytes(rest) == data[n:]
+
+
+async def test_a_client_stalled_inside_a_packet_costs_only_its_own_run(env: Env) -> None:
+    """A peer that sends half a data packet and stops holds its run's thread, nothing
+    else: another client is served meanwhile, and when the stalled one goes away the
+    thread ends (checked by the fixture)."""
+    from virnet._impl import pack_header
+    from virnet.constants import STREAM_CHUNK, MessageStatus, MessageType
+
+    target = env.path("up.bin")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    started = asyncio.Event()
+    server = virnet.Server()
+
+    async def sink(ctx: virnet.CallContext, args: StreamArgs) -> None:
+        st = ctx.accept_stream(StreamResult(args.size))
+        started.set()
+        await receive_all(st, fd)
+
+    server.register(SINK, sink)
+    DemoService().register(server)
+    uri = str(await server.listen(sock_uri(env.tmp, "stall.sock")))
+    try:
+        stalled = await virnet.connect(uri)
+        st = await stalled.open_stream(SINK, StreamArgs(0, 1, MODE_NORMAL))
+        await st.send(pattern(MiB, 17))  # whole packets first: a run starts
+        await asyncio.wait_for(started.wait(), 10)
+        for _ in range(300):
+            if run_threads():
+                break
+            await asyncio.sleep(0.01)
+        assert run_threads()
+        prog, vers, proc, serial = st.key
+        header = pack_header(
+            prog, vers, proc, int(MessageType.STREAM), serial,
+            int(MessageStatus.CONTINUE), STREAM_CHUNK,
+        )
+        transport = stalled.protocol.transport
+        assert transport is not None
+        transport.write(bytes(header) + bytes(STREAM_CHUNK // 2))  # half, then nothing
+        await asyncio.sleep(0.3)
+        async with await virnet.connect(uri) as other:
+            for i in range(20):
+                reply = await asyncio.wait_for(other.call(ECHO, EchoArgs("ok", 0, i)), 5)
+                assert reply.n == i + 1
+        transport.abort()  # the stalled peer goes away
+        await stalled.close()
+        for _ in range(300):
+            if not run_threads():
+                break
+            await asyncio.sleep(0.01)
+        assert not run_threads()
+    finally:
+        await server.close(grace=1)
+        os.close(fd)
