@@ -499,3 +499,103 @@ async def test_a_client_stalled_inside_a_packet_costs_only_its_own_run(env: Env)
     finally:
         await server.close(grace=1)
         os.close(fd)
+
+
+def _stream_packets(key: tuple[int, int, int, int], payloads: list[bytes]) -> bytes:
+    from virnet._impl import pack_header
+    from virnet.constants import MessageStatus, MessageType
+
+    prog, vers, proc, serial = key
+    out = bytearray()
+    for p in payloads:
+        out += pack_header(
+            prog, vers, proc, int(MessageType.STREAM), serial,
+            int(MessageStatus.CONTINUE), len(p),
+        )
+        out += p
+    return bytes(out)
+
+
+def _big_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    try:
+        import fcntl
+
+        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), MiB)
+    except OSError:
+        pytest.skip("cannot grow a pipe to 1 MiB here")
+    return r, w
+
+
+def test_a_run_wakes_the_loop_per_post_step_not_per_packet(tmp_path: os.PathLike[str]) -> None:
+    """With data always waiting, a run posts its progress once per ``post_every``
+    bytes however many packets carry them (a post per packet made the two threads
+    trade the GIL for every packet), even when the loop answers every post at once."""
+    key = (0x20008086, 1, 7, 5)
+    payloads = [pattern(12 * 1024 - 4, i) for i in range(64)]  # 64 packets, ~768 KiB
+    source_r, source_w = _big_pipe()
+    os.write(source_w, _stream_packets(key, payloads))
+    os.close(source_w)  # EOF after the last packet ends the run
+    target = os.path.join(os.fspath(tmp_path), "t.bin")
+    sink = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+    posts: list[int] = []
+
+    def post() -> None:  # a loop that applies every post at once
+        posts.append(run.received)
+        run.posted = False
+
+    run = _direct.DirectRun(
+        source_r, key, sink, 0, prefix=[], limit=None, max_payload=1 << 20,
+        post=post, post_every=192 * 1024,
+    )
+    try:
+        run.run()
+    finally:
+        os.close(source_r)
+        os.close(sink)
+    total = sum(map(len, payloads))
+    assert run.packets == 64 and run.received == total and run.error is None
+    assert read(target) == b"".join(payloads)
+    assert 3 <= len(posts) <= 4, posts  # ~768 KiB / 192 KiB, not 64
+    assert all(b - a >= 192 * 1024 for a, b in zip([0, *posts[:-1]], posts, strict=True)), posts
+
+
+def test_a_run_posts_what_it_has_before_it_waits_for_the_socket(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """Below ``post_every`` a run still posts before it blocks on the socket: the peer
+    may be waiting for the credit those bytes return (else a small window stalls)."""
+    key = (0x20008086, 1, 7, 6)
+    first = [pattern(8 * 1024 - 4, 1), pattern(8 * 1024 - 4, 2)]
+    later = [pattern(8 * 1024 - 4, 3)]
+    source_r, source_w = _big_pipe()
+    os.set_blocking(source_r, False)  # as a transport's socket is
+    os.write(source_w, _stream_packets(key, first))
+    target = os.path.join(os.fspath(tmp_path), "t.bin")
+    sink = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+    posted = threading.Event()
+    posts: list[int] = []
+
+    def post() -> None:
+        posts.append(run.received)
+        run.posted = False
+        posted.set()
+
+    run = _direct.DirectRun(
+        source_r, key, sink, 0, prefix=[], limit=None, max_payload=1 << 20,
+        post=post, post_every=MiB,
+    )
+    thread = threading.Thread(target=run.run)
+    thread.start()
+    try:
+        assert posted.wait(10), "no post before the run waited for more data"
+        assert posts == [sum(map(len, first))]
+        os.write(source_w, _stream_packets(key, later))
+    finally:
+        os.close(source_w)  # EOF: the run ends
+        thread.join(10)
+        os.close(source_r)
+        os.close(sink)
+    assert not thread.is_alive()
+    assert run.received == sum(map(len, first + later))
+    assert read(target) == b"".join(first + later)

@@ -57,6 +57,9 @@ _CONTINUE: Final = int(MessageStatus.CONTINUE)
 #: take four splices per packet).
 PIPE_SIZE: Final = 1024 * 1024
 _COPY_BUFFER: Final = 256 * 1024
+#: Bounds of the progress a run gathers before the loop is woken to apply it.
+_MIN_POST: Final = 64 * 1024
+_MAX_POST: Final = 1024 * 1024
 _HAS_SPLICE: Final = hasattr(os, "splice")
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -82,7 +85,10 @@ class DirectRun:
     payload bytes taken from the socket (a packet that would pass it ends the run).
     The socket and the sink are duplicated: closing the caller's descriptors while
     the run finishes its last packet does no harm.  ``post()`` is called (from the
-    thread) after each packet."""
+    thread) to have the loop apply the progress: once ``post_every`` bytes gathered
+    since the last call, and before the thread waits for the socket (the peer may be
+    waiting for the credit those bytes return).  Not per packet: each call wakes the
+    loop, and the two threads then trade the GIL for every packet."""
 
     def __init__(
         self,
@@ -95,6 +101,7 @@ class DirectRun:
         limit: int | None,
         max_payload: int,
         post: Callable[[], None],
+        post_every: int = 1024 * 1024,
     ) -> None:
         self.key = key
         self.offset = offset
@@ -108,6 +115,8 @@ class DirectRun:
         self.lost: BaseException | None = None  # the connection failed inside a packet
         self.posted = False  # a progress callback is scheduled on the loop
         self._post = post
+        self._post_every = post_every
+        self._posted_at = 0  # ``received`` when ``post`` was last called
         self._stopping = False
         self._abandon = False
         self._sock = os.dup(sock_fd)
@@ -118,6 +127,7 @@ class DirectRun:
         self._splice_out = _HAS_SPLICE  # cleared if the sink refuses splice
         self._spliced = False  # a splice into the sink worked (EINVAL then is an error)
         self._buf: bytearray | None = None
+        self._pollers: dict[tuple[int, int], select.poll] = {}
 
     # ------------------------------------------------------------------ control
     def stop(self, *, abandon: bool = False) -> None:
@@ -179,18 +189,29 @@ class DirectRun:
             self._move(n)
             self.received += n
             self.packets += 1
-            if not self.posted:
-                self.posted = True
-                self._post()
+            if self.received - self._posted_at >= self._post_every:
+                self._post_progress()
             if self.error is not None:
                 return
+
+    def _post_progress(self) -> None:
+        """Have the loop apply what was received (unless a call is pending: the loop
+        clears ``posted`` before it reads ``received``, so it sees these bytes too)."""
+        if not self.posted and self.received != self._posted_at:
+            self.posted = True
+            self._posted_at = self.received
+            self._post()
 
     def _wait(self, fd: int, events: int, *, mid_packet: bool) -> None:
         """Wait until ``fd`` is ready; between packets a stop request ends the wait
         (``_Stopped``), inside one only an abandon does."""
-        poller = select.poll()
-        poller.register(fd, events)
-        poller.register(self._wake_r, select.POLLIN)
+        if fd == self._sock:
+            self._post_progress()  # about to block: let the loop return the credit
+        poller = self._pollers.get((fd, events))
+        if poller is None:
+            poller = self._pollers[fd, events] = select.poll()
+            poller.register(fd, events)
+            poller.register(self._wake_r, select.POLLIN)
         while True:
             if self._abandon:
                 raise _Abandoned
@@ -208,13 +229,13 @@ class DirectRun:
         """The next 28 bytes; fewer if the run stops first or the socket ends."""
         got = bytearray()
         while len(got) < MIN_PACKET:
-            try:
-                self._wait(self._sock, select.POLLIN, mid_packet=False)
-            except _Stopped:
-                break
-            try:
+            try:  # read first: while the peer keeps up, the header is already there
                 data = os.read(self._sock, MIN_PACKET - len(got))
             except BlockingIOError:
+                try:
+                    self._wait(self._sock, select.POLLIN, mid_packet=False)
+                except _Stopped:
+                    break
                 continue
             except OSError:
                 break  # the transport sees the same error when it reads again
@@ -432,6 +453,9 @@ class DirectReader:
             limit=limit,
             max_payload=proto.limits.max_message - (MIN_PACKET - 4),
             post=lambda: self._post(run),
+            # Half a CREDIT step: the loop returns credit about as often as reading
+            # through memory would, with one wake-up per MiB rather than per packet.
+            post_every=max(_MIN_POST, min(_MAX_POST, core.grant_step // 2)),
         )
         self._run = run
         self.runs += 1
