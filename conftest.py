@@ -30,7 +30,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     if not NO_EXTENSIONS and not virnet.compiled:
         raise pytest.UsageError(
-            "the compiled core virnet._wire is missing but VIRNET_NO_EXTENSIONS is not set: "
+            "the compiled core (virnet._wire, virnet._direct_loop) is missing but "
+            "VIRNET_NO_EXTENSIONS is not set: "
             "build it (pip install -e .) or run with VIRNET_NO_EXTENSIONS=1"
         )
 

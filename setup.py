@@ -1,4 +1,4 @@
-"""Build the Cython wire core unless VIRNET_NO_EXTENSIONS is set.
+"""Build the Cython core (the wire, the direct-run loop) unless VIRNET_NO_EXTENSIONS is set.
 
 Everything else about the package lives in pyproject.toml; this file only lists the
 extension modules, the switches that shape their build, and the man pages and completion
@@ -26,12 +26,13 @@ def extensions() -> list:
     macros = [("CYTHON_TRACE", "1"), ("VIRNET_DEBUG", "1")] if DEBUG else []
     ext = [
         Extension(
-            "virnet._wire",
-            ["pyx/virnet/_wire.pyx"],
+            f"virnet.{name}",
+            [f"pyx/virnet/{name}.pyx"],
             include_dirs=["pyx/virnet"],
             define_macros=macros,
             extra_compile_args=["-O2"],
         )
+        for name in ("_wire", "_direct_loop")
     ]
     return cythonize(
         ext,

@@ -18,23 +18,24 @@ import pytest
 NO_EXTENSIONS = bool(os.environ.get("VIRNET_NO_EXTENSIONS"))
 
 MISSING = (
-    "the compiled core virnet._wire is missing ({exc}): build it with `pip install -e .`, "
+    "the compiled core virnet.{name} is missing ({exc}): build it with `pip install -e .`, "
     "or set VIRNET_NO_EXTENSIONS=1 for a pure-Python run"
 )
 
 
-def pure() -> ModuleType:
-    return importlib.import_module("virnet._wire_py")
+def pure(name: str = "_wire") -> ModuleType:
+    return importlib.import_module(f"virnet.{name}_py")
 
 
-def compiled(*, module_level: bool = False) -> ModuleType:
-    """``virnet._wire``.  Under ``VIRNET_NO_EXTENSIONS`` the caller is skipped (the
-    whole test module with ``module_level=True``); otherwise a missing extension is an
-    error, never a silent fallback to the pure twin."""
+def compiled(*, module_level: bool = False, name: str = "_wire") -> ModuleType:
+    """``virnet._wire`` (or the core's other module, ``name``).  Under
+    ``VIRNET_NO_EXTENSIONS`` the caller is skipped (the whole test module with
+    ``module_level=True``); otherwise a missing extension is an error, never a silent
+    fallback to the pure twin."""
     if NO_EXTENSIONS:
         pytest.skip("VIRNET_NO_EXTENSIONS is set: compiled core not tested",
                     allow_module_level=module_level)
     try:
-        return importlib.import_module("virnet._wire")
+        return importlib.import_module(f"virnet.{name}")
     except ImportError as exc:
-        raise ImportError(MISSING.format(exc=exc)) from exc
+        raise ImportError(MISSING.format(name=name, exc=exc)) from exc

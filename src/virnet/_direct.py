@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from ._impl import direct_loop as _loop
 from .constants import MIN_PACKET, MessageStatus, MessageType
 from .errors import ConnectionClosedError, ProtocolError
 
@@ -118,6 +119,8 @@ class DirectRun:
         self._post_every = post_every
         self._posted_at = 0  # ``received`` when ``post`` was last called
         self._stopping = False
+        self._stop_flag = bytearray(1)  # the same, for the core's loop (no GIL there)
+        self._header = bytearray(MIN_PACKET)
         self._abandon = False
         self._sock = os.dup(sock_fd)
         self._sink = os.dup(sink_fd)
@@ -133,6 +136,7 @@ class DirectRun:
     def stop(self, *, abandon: bool = False) -> None:
         """Ask the run to end: after the packet it is in, or (``abandon``) at once."""
         self._stopping = True
+        self._stop_flag[0] = 1
         if abandon:
             self._abandon = True
         with self._lock:  # never write to the number after the thread closed it
@@ -168,31 +172,86 @@ class DirectRun:
                 pass
 
     def _packets(self) -> None:
-        key = self.key
         while not self._stopping:
-            header = self._read_header()
-            if len(header) < MIN_PACKET:
+            started = b""  # header bytes the fast loop read and left to us
+            if _HAS_SPLICE and self._splice_out and self.error is None:
+                why, started = self._whole_packets()
+                if self.error is not None:
+                    return  # the packet that failed was taken whole: the run ends
+                if why is None:
+                    continue
+                if why == _loop.FOREIGN:
+                    self.leftover = started
+                    return
+            header = self._read_header(started)
+            if not self._ours(header):
                 self.leftover = header
                 return
-            length, prog, vers, proc, mtype, serial, status = _PREFIX.unpack(header)
-            n = length - MIN_PACKET
-            if (
-                mtype != _STREAM
-                or status != _CONTINUE
-                or (prog, vers, proc, serial) != key
-                or n <= 0
-                or n > self.max_payload
-                or (self.limit is not None and self.received + n > self.limit)
-            ):
-                self.leftover = header
-                return
+            n = int.from_bytes(header[:4], "big") - MIN_PACKET
             self._move(n)
-            self.received += n
-            self.packets += 1
-            if self.received - self._posted_at >= self._post_every:
-                self._post_progress()
+            self._packet_done(n)
             if self.error is not None:
                 return
+
+    def _ours(self, header: bytes) -> bool:
+        """``header`` is a whole header of this stream's data, within the limits."""
+        if len(header) < MIN_PACKET:
+            return False
+        length, prog, vers, proc, mtype, serial, status = _PREFIX.unpack(header)
+        n = length - MIN_PACKET
+        return not (
+            mtype != _STREAM
+            or status != _CONTINUE
+            or (prog, vers, proc, serial) != self.key
+            or n <= 0
+            or n > self.max_payload
+            or (self.limit is not None and self.received + n > self.limit)
+        )
+
+    def _packet_done(self, n: int) -> None:
+        self.received += n
+        self.packets += 1
+        if self.received - self._posted_at >= self._post_every:
+            self._post_progress()
+
+    def _whole_packets(self) -> tuple[int | None, bytes]:
+        """Whole packets through the core's loop (``_impl.direct_loop``), as far as it
+        goes; then what it stopped at, handled here: ``(None, b"")`` to go round again,
+        or ``(why, header bytes)`` for the caller (PARTIAL, FOREIGN)."""
+        r, w = self._the_pipe()
+        why, moved, packets, offset, size, left, pending = _loop.splice_packets(
+            self._sock, r, w, PIPE_SIZE, self._sink,
+            -1 if self.offset is None else self.offset,
+            self.key,
+            self.max_payload,
+            -1 if self.limit is None else self.limit - self.received,
+            max(1, self._post_every - (self.received - self._posted_at)),
+            self._stop_flag,
+            self._header,
+        )
+        if self.offset is not None:
+            self.offset = offset
+        if moved or size - left - pending:
+            self._spliced = True  # the sink takes splices: EINVAL later is an error
+        self.received += moved
+        self.packets += packets
+        if why == _loop.BUDGET:
+            self._post_progress()
+        elif why == _loop.WAIT:
+            try:
+                self._wait(self._sock, select.POLLIN, mid_packet=False)
+            except _Stopped:
+                pass  # the loop condition ends the run
+        elif why == _loop.PARTIAL:
+            return why, bytes(self._header[:left])
+        elif why == _loop.FOREIGN:
+            return why, bytes(self._header)
+        elif why in (_loop.SOCKET, _loop.SINK):  # finish the packet it was in
+            if pending:
+                self._drain_pipe(r, pending)
+            self._move(left)
+            self._packet_done(size)
+        return None, b""
 
     def _post_progress(self) -> None:
         """Have the loop apply what was received (unless a call is pending: the loop
@@ -225,9 +284,10 @@ class DirectRun:
             if woken:  # the flags changed: look again (and empty the wake pipe)
                 os.read(self._wake_r, 64)
 
-    def _read_header(self) -> bytes:
-        """The next 28 bytes; fewer if the run stops first or the socket ends."""
-        got = bytearray()
+    def _read_header(self, started: bytes = b"") -> bytes:
+        """The next 28 bytes (after ``started``, already read); fewer if the run stops
+        first or the socket ends."""
+        got = bytearray(started)
         while len(got) < MIN_PACKET:
             try:  # read first: while the peer keeps up, the header is already there
                 data = os.read(self._sock, MIN_PACKET - len(got))
@@ -267,7 +327,7 @@ class DirectRun:
                 raise _Lost from ConnectionClosedError("connection closed inside a packet")
             return k
 
-    def _move_spliced(self, n: int) -> None:
+    def _the_pipe(self) -> tuple[int, int]:
         pipe = self._pipe
         if pipe is None:
             pipe = self._pipe = os.pipe()
@@ -275,7 +335,10 @@ class DirectRun:
                 fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:  # over the system's pipe-max-size: the default will do
                 pass
-        r, w = pipe
+        return pipe
+
+    def _move_spliced(self, n: int) -> None:
+        r, w = self._the_pipe()
         sock = self._sock
 
         def into_pipe(most: int) -> int:

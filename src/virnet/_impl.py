@@ -1,8 +1,10 @@
-"""The one place that chooses the wire core: compiled Cython or its pure-Python twin.
+"""The one place that chooses the core: compiled Cython or its pure-Python twins.
 
-``VIRNET_NO_EXTENSIONS=1`` (any non-empty value) selects the pure twin.  Otherwise the
-compiled ``virnet._wire`` is used; if it is missing (a pure build, or an unsupported
-platform) the pure twin is used with a RuntimeWarning, never silently.  The test suite's
+The core is two modules: the wire (``_wire``: framing, buffers, XDR) and the inner loop
+of direct runs (``_direct_loop``).  ``VIRNET_NO_EXTENSIONS=1`` (any non-empty value)
+selects the pure twins.  Otherwise the compiled modules are used, both or neither; if
+one is missing (a pure build, or an unsupported platform) the pure twins are used with a
+RuntimeWarning, never silently.  The test suite's
 compiled run checks ``virnet.compiled`` and fails when the extension is not there.
 """
 
@@ -15,9 +17,11 @@ from typing import TYPE_CHECKING
 NO_EXTENSIONS = bool(os.environ.get("VIRNET_NO_EXTENSIONS"))
 
 if TYPE_CHECKING or NO_EXTENSIONS:
+    from . import _direct_loop_py as direct_loop
     from . import _wire_py as wire
 else:
     try:
+        from . import _direct_loop as direct_loop  # type: ignore[no-redef]
         from . import _wire as wire  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - depends on the build
         warnings.warn(
@@ -26,9 +30,10 @@ else:
             RuntimeWarning,
             stacklevel=2,
         )
+        from . import _direct_loop_py as direct_loop
         from . import _wire_py as wire
 
-compiled: bool = bool(wire.IS_COMPILED)
+compiled: bool = bool(wire.IS_COMPILED and direct_loop.IS_COMPILED)
 
 Calls = wire.Calls
 Message = wire.Message
@@ -49,6 +54,7 @@ __all__ = [
     "Unpacker",
     "check_length",
     "compiled",
+    "direct_loop",
     "encode_message",
     "encode_stream_data",
     "pack_header",
