@@ -1021,3 +1021,38 @@ async def test_download_drains_the_transport_when_the_socket_fills(
         assert drains
     for conn in env.daemon.server.connections:
         assert not conn._draining_files
+
+
+async def test_file_upload_goes_in_whole_packets(tmp_path: os.PathLike[str]) -> None:
+    """A file upload's data packets are all full size but the last: pieces handed to
+    the stream used to be 1 MiB, so every MiB ended in a 96-byte packet (a header and
+    a round of system calls on both sides for nothing)."""
+    from virnet.constants import STREAM_CHUNK
+
+    tmp = short_tmpdir()
+    sizes: list[int] = []
+    server = virnet.Server()
+
+    async def upload(ctx: virnet.CallContext, args: f.TransferArgs) -> None:
+        st = ctx.accept_stream(None)
+        while True:
+            item = await st.recv_chunk()
+            assert not isinstance(item, Hole)
+            if not item:
+                return
+            sizes.append(len(item))
+
+    server.register(f.UPLOAD, upload)
+    uri = str(await server.listen(sock_uri(tmp)))
+    local = os.path.join(os.fspath(tmp_path), "src.bin")
+    total = 5 * 1024 * 1024 + 12345
+    with open(local, "wb") as fh:
+        fh.write(pattern(total, 9))
+    try:
+        async with await virnet.connect(uri) as c:
+            assert await transfer.upload(c, local, "x.bin") == total
+    finally:
+        await server.close(grace=1)
+        remove_tree(tmp)
+    assert sum(sizes) == total
+    assert all(n == STREAM_CHUNK for n in sizes[:-1]), sorted(set(sizes))
