@@ -230,3 +230,63 @@ async def test_lean_mode_lasts_while_calls_keep_coming_and_ends_after(
             assert transport.get_write_buffer_limits() == bulk
     finally:
         await server.close()
+
+
+async def test_a_stream_opened_after_a_lone_call_starts_in_bulk_mode(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call (a STAT before an upload, say) makes both ends lean for LEAN_HOLD; the
+    stream opened next carries bulk data and nothing waits for a reply, so both ends
+    leave lean mode at once instead of sending the stream's start in small packets.
+    With another call still waiting, the client stays lean."""
+    from _rpcutil import SOURCE, StreamArgs, StreamService
+
+    monkeypatch.setattr(_protocol, "LEAN_HOLD", 30.0)  # only the open can end it here
+    server = virnet.Server()
+    seen: list[tuple[int, int]] = []
+
+    release = asyncio.Event()
+
+    async def echo(ctx: virnet.CallContext, args: EchoArgs) -> EchoArgs:
+        if args.text == "hold":
+            await release.wait()
+        return args
+
+    server.register(ECHO, echo)
+    StreamService().register(server)
+    original = virnet.CallContext.accept_stream
+
+    def accept(ctx: virnet.CallContext, *a: Any, **kw: Any) -> Any:
+        stream = original(ctx, *a, **kw)
+        transport = ctx.connection.transport
+        assert transport is not None
+        seen.append(transport.get_write_buffer_limits())
+        return stream
+
+    monkeypatch.setattr(virnet.CallContext, "accept_stream", accept)
+    path = workdir / "s.sock"
+    await server.listen(f"unix://{path}")
+    try:
+        async with await virnet.connect(f"unix://{path}") as client:
+            transport = client.protocol.transport
+            assert transport is not None
+            await client.call(ECHO, EchoArgs("x", 0, 0))
+            assert transport.get_write_buffer_limits() == (0, 0)  # lean after the call
+            st = await client.open_stream(SOURCE, StreamArgs(1000, 1, 0))
+            assert transport.get_write_buffer_limits() != (0, 0)
+            assert seen and seen[-1] != (0, 0)  # the server's end too
+            async for _ in st:
+                pass
+            await st.finish()
+
+            slow = asyncio.ensure_future(client.call(ECHO, EchoArgs("hold", 0, 0)))
+            await asyncio.sleep(0.05)  # its reply is awaited while the stream opens
+            st = await client.open_stream(SOURCE, StreamArgs(1000, 1, 0))
+            assert transport.get_write_buffer_limits() == (0, 0)  # still lean
+            release.set()
+            await slow
+            async for _ in st:
+                pass
+            await st.finish()
+    finally:
+        await server.close()

@@ -650,7 +650,12 @@ async def test_calls_make_both_ends_lean(env: Env, monkeypatch: pytest.MonkeyPat
         assert _limits(conn) == LEAN_LIMITS
         assert (_sndbuf(c.protocol), _sndbuf(conn)) == lean
         size = 3 * STREAM_CHUNK + 7
+        # A call still waits while the streams run: they stay lean.  (With none waiting,
+        # opening a stream leaves lean mode: test_call_batching.)
+        slow = asyncio.ensure_future(c.call(ECHO, EchoArgs("abc", 1500, 1)))
+        await asyncio.sleep(0.05)
         down = await c.open_stream(SOURCE, StreamArgs(size, 31, MODE_NORMAL))
+        assert _limits(c.protocol) == LEAN_LIMITS
         sizes = []
         got = bytearray()
         async for chunk in down:
@@ -661,6 +666,8 @@ async def test_calls_make_both_ends_lean(env: Env, monkeypatch: pytest.MonkeyPat
         up = await c.open_stream(SINK, StreamArgs(size, 32, MODE_NORMAL))
         await up.send(pattern(size, 32))
         await up.finish()
+        assert not slow.done()  # the streams really ran beside a waiting call
+        assert (await slow).n == 2
     assert bytes(got) == pattern(size, 31)
     assert max(sizes) == _protocol.LEAN_PACKET_LIMIT
     assert env.streams.received[32] == pattern(size, 32)

@@ -356,6 +356,21 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         self._set_sndbuf(lean=True)
         self._lean_until = self.loop.time() + LEAN_HOLD
 
+    def end_lean(self) -> None:
+        """Bulk data starts and no call waits for an answer (a stream was just opened
+        after a lone call, such as a ``STAT`` before an upload): leave lean mode now
+        rather than send the stream's first ``LEAN_HOLD`` seconds in small packets."""
+        if not self._lean_until:
+            return
+        self._lean_until = 0.0
+        self._lean_renewed = False
+        transport = self.transport
+        if transport is None:
+            return
+        if not self._draining_files:
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self._set_sndbuf(lean=False)
+
     def _grow_sndbuf(self, sock: socket.socket) -> None:
         """Give a Unix socket the bulk send buffer (``BULK_SOCKET_BUFFER``), or as much
         of it as the system allows (``net.core.wmem_max`` caps it; we keep to the

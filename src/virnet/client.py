@@ -223,6 +223,8 @@ class Client:
                 prog.number, prog.version, procedure.number, payload, timeout, serial, False
             )
             stream.reply = procedure.decode_ret(data)
+            if not proto.waiters:  # nothing else waits for a reply: bulk from here
+                proto.end_lean()
         except BaseException as exc:
             core.terminate(StreamState.FAILED, None)  # unregisters it
             if isinstance(exc, XdrError):

@@ -135,6 +135,8 @@ class CallContext:
         if task is not None:
             conn.stream_tasks.add(task)
         conn.send_reply(prog.number, prog.version, proc.number, self.serial, _OK, payload)
+        if conn.active <= 1 and not conn.waiting:  # this call alone: bulk from here
+            conn.end_lean()
         self.stream = stream
         return stream
 
