@@ -988,20 +988,22 @@ async def test_checksum_of_a_fifo_is_refused_without_hanging() -> None:
 async def test_download_drains_the_transport_when_the_socket_fills(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once the socket is full, the rest of that flush waits in the transport, and the
-    connection takes no more stream data until the transport has written all of it
-    (so the next packets go out with sendfile again); the bytes stay whole and in
+    """Once the socket is full, the rest of the packet it filled in waits in the
+    transport, the packets after it wait for the drain, and the connection takes no
+    more stream data until the transport has written all of it; then they go out
+    with sendfile again.  So at most one read per drain, of at most one packet (all
+    of a flush's later packets used to be read too).  The bytes stay whole and in
     order through the pause and the resume."""
     from virnet import _fileio, _protocol
+    from virnet.constants import STREAM_CHUNK
 
-    read_bytes = 0
+    reads: list[int] = []
     drains = 0
     real_read = _fileio.FileSpan.read
     real_drain = _protocol.RPCProtocol._drain_for_files
 
     def counting_read(self: _fileio.FileSpan) -> bytes:
-        nonlocal read_bytes
-        read_bytes += self.length
+        reads.append(self.length)
         return real_read(self)
 
     def counting_drain(self: _protocol.RPCProtocol, transport: Any) -> None:
@@ -1017,8 +1019,10 @@ async def test_download_drains_the_transport_when_the_socket_fills(
     async with await virnet.connect(env.uri, window=32 * MiB) as c:
         size, got = await download(c, "d.bin")
     assert (size, got) == (len(data), data)
-    if read_bytes:  # the socket filled at least once (not on every loop)
+    if reads:  # the socket filled at least once (not on every loop)
         assert drains
+    assert len(reads) <= drains, (len(reads), drains)
+    assert all(n <= STREAM_CHUNK for n in reads)
     for conn in env.daemon.server.connections:
         assert not conn._draining_files
 
