@@ -231,3 +231,102 @@ def test_an_awaitable_from_a_plain_function_is_refused_even_after_plain_results(
         with pytest.raises(TypeError, match="returned an awaitable"):
             server_mod._plain_result(ECHO, Proxy(Awaits))
     assert Proxy not in server_mod._NOT_AWAITABLE
+
+
+# ---------------------------------------------------------------- async handlers that never wait
+
+
+def test_which_async_handlers_can_never_suspend() -> None:
+    """Read from the handler's own bytecode: any await, async for or async with keeps
+    the worker path; awaits in nested functions do not count; anything that is not
+    plainly an ``async def`` (a partial, a plain wrapper) keeps the worker path too."""
+    import functools
+
+    from virnet._inline import never_suspends
+
+    async def returns(ctx: Any, args: Any) -> Any:
+        return args
+
+    async def awaits(ctx: Any, args: Any) -> Any:
+        await asyncio.sleep(0)
+        return args
+
+    async def iterates(ctx: Any, args: Any) -> Any:
+        async for _ in args:
+            pass
+
+    async def enters(ctx: Any, args: Any) -> Any:
+        async with args:
+            pass
+
+    async def nests(ctx: Any, args: Any) -> Any:
+        async def later() -> None:
+            await asyncio.sleep(0)
+
+        return later
+
+    def plain(ctx: Any, args: Any) -> Any:
+        return args
+
+    def wrapper(ctx: Any, args: Any) -> Any:  # returns a coroutine that does wait
+        return awaits(ctx, args)
+
+    class Callable_:
+        async def __call__(self, ctx: Any, args: Any) -> Any:
+            return args
+
+        async def method(self, ctx: Any, args: Any) -> Any:
+            return args
+
+    assert never_suspends(returns)
+    assert never_suspends(nests)
+    assert never_suspends(Callable_())
+    assert never_suspends(Callable_().method)
+    assert not never_suspends(awaits)
+    assert not never_suspends(iterates)
+    assert not never_suspends(enters)
+    assert not never_suspends(plain)
+    assert not never_suspends(wrapper)
+    assert not never_suspends(functools.partial(returns, None))
+
+
+async def test_an_async_handler_without_await_is_served_as_read(tmp_path: Path) -> None:
+    """Such a handler runs as its call is read (no worker task: ``current_task()`` is
+    None in it) with the same replies and errors; one that awaits still gets a task."""
+    tasks: dict[str, list[asyncio.Task[Any] | None]] = {"echo": [], "waits": []}
+
+    async def echo(ctx: virnet.CallContext, args: EchoArgs) -> EchoArgs:
+        tasks["echo"].append(asyncio.current_task())
+        if args.text == "rpc":
+            raise RPCError("refused on purpose", code=55)
+        if args.text == "crash":
+            raise KeyError("a private detail")
+        return EchoArgs(args.text.upper(), 0, args.n + 1)
+
+    async def waits(ctx: virnet.CallContext, args: None) -> None:
+        tasks["waits"].append(asyncio.current_task())
+        await asyncio.sleep(0)
+
+    path = Path(short_tmpdir())
+    server = virnet.Server()
+    server.register(ECHO, echo)
+    server.register(WRITE, waits)
+    await server.listen(f"unix://{path / 's.sock'}")
+    try:
+        async with await virnet.connect(f"unix://{path / 's.sock'}") as c:
+            replies = await asyncio.gather(*(c.call(ECHO, EchoArgs("ab", 0, i)) for i in range(50)))
+            assert [r.n for r in replies] == list(range(1, 51))
+            assert {r.text for r in replies} == {"AB"}
+            with pytest.raises(RPCError) as refused:
+                await c.call(ECHO, EchoArgs("rpc", 0, 0))
+            assert (refused.value.code, refused.value.message) == (55, "refused on purpose")
+            with pytest.raises(RPCError) as crashed:
+                await c.call(ECHO, EchoArgs("crash", 0, 0))
+            assert "a private detail" not in str(crashed.value)
+            await c.call(WRITE, None)
+            assert (await c.call(ECHO, EchoArgs("x", 0, 7))).n == 8  # still serving
+    finally:
+        await server.close()
+        remove_tree(str(path))
+    assert tasks["echo"] and all(t is None for t in tasks["echo"])
+    assert tasks["waits"] and all(t is not None for t in tasks["waits"])

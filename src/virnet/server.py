@@ -39,6 +39,7 @@ from . import protocol, xdr
 from ._blocking import WORKERS as BLOCKING_WORKERS
 from ._blocking import BlockingPool
 from ._impl import Message
+from ._inline import never_suspends, run_to_end
 from ._protocol import RPCProtocol
 from ._streams import StreamCore, StreamState
 from ._uri import Address, parse_uri
@@ -82,9 +83,13 @@ class _Registration:
     procedure: Procedure[Any, Any]
     handler: Handler | InlineHandler
     readonly: bool
-    #: A plain function (not a coroutine function): served as the call is read, with no
-    #: task to wake; the reply goes out with the others of the same read.
+    #: A plain function, or an async one that never suspends (``_inline``): served as
+    #: the call is read, with no task to wake; the reply goes out with the others of
+    #: the same read.
     inline: bool
+    #: The handler is ``async def`` without a suspension point: run its coroutine to
+    #: the end at once.
+    coroutine: bool = False
 
 
 class CallContext:
@@ -408,7 +413,7 @@ class ServerConnection(RPCProtocol):
         ctx = CallContext(self, proc, msg.serial)
         try:
             if reg.inline:  # queued while the client's replies drain (_pause_for_output)
-                result = _plain_result(proc, reg.handler(ctx, args))
+                result = _inline_result(reg, ctx, args)
             else:
                 result = await reg.handler(ctx, args)
             if proc.stream is None:
@@ -479,7 +484,7 @@ class ServerConnection(RPCProtocol):
             return
         proc = reg.procedure
         try:
-            result = _plain_result(proc, reg.handler(CallContext(self, proc, msg.serial), args))
+            result = _inline_result(reg, CallContext(self, proc, msg.serial), args)
             payload = proc.encode_ret(result)
         except RPCError as exc:
             self.reply_error(msg, exc)
@@ -540,6 +545,14 @@ class ServerConnection(RPCProtocol):
 #: handler returning ever new types just stops being cached.
 _NOT_AWAITABLE: set[type] = set()
 _NOT_AWAITABLE_MAX = 256
+
+
+def _inline_result(reg: _Registration, ctx: CallContext, args: Any) -> Any:
+    """Run an inline handler (``_Registration.inline``): what it returned."""
+    result = reg.handler(ctx, args)
+    if reg.coroutine:
+        return run_to_end(result)  # type: ignore[arg-type]  # an async def, checked
+    return _plain_result(reg.procedure, result)
 
 
 def _plain_result(proc: Procedure[Any, Any], result: Any) -> Any:
@@ -647,7 +660,10 @@ class Server:
 
         A handler that never waits may be a plain function instead: it is then run as
         its call is read, with no task to wake (the fastest way to answer small calls),
-        and must not block.  Stream procedures need an async handler.
+        and must not block.  An ``async def`` handler with no ``await``, ``async for``
+        or ``async with`` in its body is served the same way (it cannot suspend; it
+        then has no task of its own: ``asyncio.current_task()`` is None in it).
+        Stream procedures need an async handler.
         ``readonly=True`` allows it on read-only listeners too.
         """
         prog = procedure.program
@@ -660,8 +676,12 @@ class Server:
         )
         if inline and procedure.stream is not None:
             raise TypeError(f"{procedure!r} carries a stream: its handler must be async")
+        # An async handler that can never suspend is served like a plain function.
+        coroutine = not inline and procedure.stream is None and never_suspends(handler)
         self.programs[prog.key] = prog
-        self.handlers[key] = _Registration(procedure, handler, readonly, inline)
+        self.handlers[key] = _Registration(
+            procedure, handler, readonly, inline or coroutine, coroutine
+        )
 
     def handler(
         self, procedure: Procedure[Any, Any], *, readonly: bool = False
