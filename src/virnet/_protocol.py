@@ -312,6 +312,22 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         """``send_call``, written at once (a lone call: nothing to batch it with).  No
         flush is scheduled for it: one scheduled only to be cancelled would still cost
         the loop an extra turn (an extra ``epoll_wait``) per call."""
+        transport = self.transport
+        if (
+            transport is not None
+            and self._flush_handle is None
+            and not self._write_paused
+            and not self._files_backlog
+            and not self.has_output()
+        ):
+            # Nothing queued before it: hand the packet straight to the transport (what
+            # a flush would do, without the queue and the rest of its bookkeeping).
+            if self._lean_until:
+                self._still_lean(transport)
+            out: list[Buffer] = []
+            serial = self.calls.add_call(out, prog, vers, proc, payload)
+            transport.writelines(out)
+            return serial
         serial = self.send_call(prog, vers, proc, payload, notify=False)
         self.flush_now()
         return serial
@@ -414,21 +430,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             return
         budget = FLUSH_BUDGET
         packet_limit = STREAM_CHUNK
-        if self._lean_until:
-            now = self.loop.time()
-            if self._lean_renewed:
-                self._lean_renewed = False
-                self._lean_until = now + LEAN_HOLD
-            if now < self._lean_until:
-                budget = LEAN_FLUSH_BUDGET
-                packet_limit = LEAN_PACKET_LIMIT
-            else:
-                self._lean_until = 0.0
-                if not self._draining_files:
-                    transport.set_write_buffer_limits(
-                        high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER
-                    )
-                self._set_sndbuf(lean=False)
+        if self._lean_until and self._still_lean(transport):
+            budget = LEAN_FLUSH_BUDGET
+            packet_limit = LEAN_PACKET_LIMIT
         out: list[Buffer] = self.take_output(0 if self._write_paused else budget, packet_limit)
         if self._files_backlog and not self._write_paused:
             # Packets taken by an earlier flush, held back while the socket drained:
@@ -449,6 +453,21 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
             # Stream data still waiting and room left: continue next iteration so that
             # other tasks (and incoming calls) get their turn in between.
             self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _still_lean(self, transport: asyncio.Transport) -> bool:
+        """Lean mode is on: renew its hold if ``note_interactive`` asked to, or end it
+        once the hold has passed (back to the bulk limits)."""
+        now = self.loop.time()
+        if self._lean_renewed:
+            self._lean_renewed = False
+            self._lean_until = now + LEAN_HOLD
+        if now < self._lean_until:
+            return True
+        self._lean_until = 0.0
+        if not self._draining_files:
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self._set_sndbuf(lean=False)
+        return False
 
     def _write_with_files(self, transport: asyncio.Transport, out: list[Buffer]) -> None:
         """Write ``out``, in which some payloads are ``FileSpan``: each one goes out
