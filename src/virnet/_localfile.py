@@ -36,7 +36,6 @@ import os
 import socket
 import stat
 import sys
-import tempfile
 
 from ._fileio import BatchWriter, SequentialWriter
 from ._units import format_size as format_size  # the one format of sizes in messages
@@ -159,6 +158,8 @@ class _Replacement(Target):
         self.kind = "regular file"
         self.path = path
         self.parent = os.path.dirname(path)
+        import tempfile  # here, not at import: it pulls in shutil, random and more
+
         try:
             fd, tmp = tempfile.mkstemp(
                 prefix=f".{os.path.basename(path)}.", suffix=".part", dir=self.parent

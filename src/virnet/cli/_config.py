@@ -12,7 +12,6 @@ naming the file and the key.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 
 from .._uri import parse_uri
@@ -42,10 +41,16 @@ def config_path() -> str:
 def load_config(path: str | None = None) -> ClientConfig:
     path = path or config_path()
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
     except FileNotFoundError:
         return ClientConfig(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    import tomllib  # only with a file to read: it is a few ms of every command's start
+
+    try:
+        with fh:
+            data = tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:

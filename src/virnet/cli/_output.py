@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any
@@ -11,6 +10,8 @@ from .._units import format_rate, format_size
 
 
 def emit_json(value: Any, *, stderr: bool = False) -> None:
+    import json  # only for --json: a few ms of every command's start otherwise
+
     print(json.dumps(value), file=sys.stderr if stderr else sys.stdout)
 
 
