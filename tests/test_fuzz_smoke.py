@@ -8,6 +8,7 @@ seeds ``fuzz/make_seeds.py`` writes.  The long campaigns are in ``fuzz/README.md
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,10 @@ def test_harness_smoke(harness: str, seeds: Path, tmp_path: Path) -> None:
     )
     tail = "\n".join(proc.stderr.splitlines()[-40:])
     assert proc.returncode == 0, f"fuzz_{harness} found something:\n{tail}"
-    assert f"Done {runs} runs" in proc.stderr, tail
+    # libFuzzer stops at the end of a mutation batch, so the count it prints may pass
+    # -runs by a few; fewer would mean it stopped early.
+    done = re.search(r"^Done (\d+) runs", proc.stderr, re.MULTILINE)
+    assert done is not None and int(done.group(1)) >= runs, tail
     import virnet
 
     core = "compiled" if virnet.compiled else "pure"
