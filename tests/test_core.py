@@ -73,3 +73,35 @@ def test_take_output_budget_and_default_limit() -> None:
     assert len(out) == 2 and a.limits == [STREAM_CHUNK] * 2
     assert core.has_output()
     assert core.take_output(0) == []  # a zero budget takes urgent packets only
+
+
+def test_take_urgent_alone_only_when_no_stream_is_ready() -> None:
+    """The glue's shortcut (write calls and replies straight to the transport) may only
+    take the urgent packets when they are all there is: with a stream ready it gets
+    None, nothing is taken, and the full ``take_output`` still sees both."""
+    core = Core()
+    assert core.take_urgent_alone() == []
+    core.queue_urgent([b"reply1"])
+    core.queue_urgent([b"reply2"])
+    assert core.take_urgent_alone() == [b"reply1", b"reply2"]
+    assert not core.has_output()
+
+    a = Endpoint("a", [100])
+    core.mark_ready(a)
+    core.queue_urgent([b"reply3"])
+    assert core.take_urgent_alone() is None
+    assert core.take_output(10_000) == [b"reply3", b"a100"]
+
+
+def test_queue_reply_counts_and_does_not_notify() -> None:
+    core = Core()
+    n1 = core.queue_reply(0x20008086, 1, 66, 5, 0, b"abcd")
+    n2 = core.queue_reply(0x20008086, 1, 66, 6, 1, b"")
+    assert core.notified == 0  # the caller writes them itself
+    assert n2 > n1 >= 1 and core.urgent_backlog() == n2
+    decoded = b"".join(bytes(b) for b in core.take_output(0))
+    # two REPLY packets, serials 5 and 6, statuses OK and ERROR, in order
+    assert len(decoded) == 28 + 4 + 28
+    assert decoded[20:24] == (5).to_bytes(4, "big") and decoded[24:28] == bytes(4)
+    assert decoded[32 + 20 : 32 + 24] == (6).to_bytes(4, "big")
+    assert decoded[32 + 24 : 32 + 28] == (1).to_bytes(4, "big")

@@ -304,6 +304,16 @@ class ConnectionCore:
     def has_output(self) -> bool:
         return bool(self._urgent or self._ready)
 
+    def take_urgent_alone(self) -> list[Buffer] | None:
+        """The urgent packets queued, taken, if no stream has data ready (then they are
+        all there is to write: ``take_output`` without its stream round); else None and
+        nothing is taken."""
+        if self._ready:
+            return None
+        out = self._urgent
+        self._urgent = []
+        return out
+
     def take_output(self, budget: int, packet_limit: int = STREAM_CHUNK) -> list[Buffer]:
         """Buffers to write now: every urgent packet, then stream packets round-robin
         (one packet per ready stream per turn) until about ``budget`` bytes are taken,
@@ -463,6 +473,15 @@ class ConnectionCore:
         queue_message(urgent, prog, vers, proc, _REPLY, serial, status, payload)
         if was_empty and notify:
             self.on_output()
+
+    def queue_reply(
+        self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer
+    ) -> int:
+        """Queue a REPLY the caller will write itself (no ``on_output``); returns how
+        many urgent buffers are queued now, so it can tell a full batch."""
+        urgent = self._urgent
+        queue_message(urgent, prog, vers, proc, _REPLY, serial, status, payload)
+        return len(urgent)
 
     def send_event(self, prog: int, vers: int, proc: int, payload: Buffer) -> None:
         self.queue_urgent(encode_message(prog, vers, proc, _MESSAGE, 0, _OK, payload))

@@ -305,8 +305,27 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         if handle is not None:
             handle.cancel()
             self._flush()
-        elif self.has_output():  # queued with ``notify=False``: no flush was scheduled
-            self._flush()
+        elif not self._write_urgent_alone() and self.has_output():
+            self._flush()  # queued with ``notify=False``: no flush was scheduled
+
+    def _write_urgent_alone(self) -> bool:
+        """The common case of ``flush_now``, calls or replies and nothing else to write:
+        hand them straight to the transport, without a flush's budget and stream round.
+        False when a flush is needed (stream data ready, writing paused, file packets
+        held back); True when written, or when there was nothing to write."""
+        transport = self.transport
+        if transport is None or self._write_paused or self._files_backlog:
+            return False
+        out = self.take_urgent_alone()
+        if out is None:
+            return False
+        if out:
+            if self._lean_until:
+                self._still_lean(transport)
+            transport.writelines(out)
+            if self.transport is not None:
+                self.on_written()
+        return True
 
     def send_call_now(self, prog: int, vers: int, proc: int, payload: Buffer) -> int:
         """``send_call``, written at once (a lone call: nothing to batch it with).  No
@@ -342,9 +361,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         """``send_reply`` for a call answered while its read is handled: written with the
         other replies of that read once it is done (one write per read, like the
         simplest echo server), or at once when a batch is full; no flush is scheduled."""
-        self.send_reply(prog, vers, proc, serial, status, payload, notify=False)
         self._flush_after_read = True
-        self.flush_if_batched()
+        if self.queue_reply(prog, vers, proc, serial, status, payload) >= OUTPUT_BATCH:
+            self.flush_now()
 
     def _flush_owed_replies(self) -> None:
         """A read (or ``feed``) is done: write the replies ``send_reply_after_read``
