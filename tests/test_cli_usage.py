@@ -335,6 +335,58 @@ def test_broken_pipe_is_quiet(daemon: VirnetDaemon, area: Path) -> None:
     assert res.stderr == "", res
 
 
+def _run_entry(prologue: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``virnet.cli.run`` (the console script's entry) in a fresh interpreter, after
+    ``prologue``; an atexit hook says whether the interpreter's teardown ran."""
+    code = (
+        "import atexit, sys, threading, time\n"
+        "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
+        f"{prologue}\n"
+        "from virnet.cli import run\n"
+        f"sys.argv = ['virnet', *{list(argv)!r}]\n"
+        "run()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        timeout=RUN_TIMEOUT, env=_env(), check=False,
+    )
+
+
+def test_the_command_exits_without_teardown_and_loses_no_output(
+    daemon: VirnetDaemon, area: Path
+) -> None:
+    """The console script leaves with ``os._exit`` once ``main`` is done (the
+    interpreter's teardown is ~10 ms of every command): what it printed is all there,
+    its exit status is main's, and no teardown ran."""
+    payload = os.urandom(3 << 20)
+    (area / "out.bin").write_bytes(payload)
+    res = _run_entry("", "--version")
+    assert res.returncode == 0 and res.stdout.startswith("virnet "), res
+    assert "teardown ran" not in res.stderr, res
+    res = _run_entry("", "-c", daemon.uri, "stat", f"{area.name}/missing")
+    assert res.returncode == 1 and "teardown ran" not in res.stderr, res
+    assert res.stderr.startswith("virnet: error:"), res
+    # Megabytes through stdout (a pipe here): every byte, in order, before the exit.
+    res = _run_entry("", "-c", daemon.uri, "--json", "ls", area.name)
+    assert res.returncode == 0 and json.loads(res.stdout), res
+    cmd = [sys.executable, "-c", "from virnet.cli import run; import sys; "
+           "sys.argv = ['virnet', *sys.argv[1:]]; run()",
+           "-c", daemon.uri, "download", f"{area.name}/out.bin", "-"]
+    got = subprocess.run(cmd, capture_output=True, timeout=RUN_TIMEOUT, env=_env(), check=False)
+    assert got.returncode == 0 and got.stdout == payload, got.stderr
+
+
+def test_the_command_waits_for_a_thread_still_running() -> None:
+    """Another thread still running when ``main`` returns (none of virnet's does):
+    the ordinary exit is kept, which waits for it and runs the teardown."""
+    prologue = (
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()"
+    )
+    res = _run_entry(prologue, "--version")
+    assert res.returncode == 0, res
+    assert "thread done" in res.stdout and "teardown ran" in res.stderr, res
+
+
 # ---------------------------------------------------------------------------- config
 
 
