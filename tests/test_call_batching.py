@@ -61,6 +61,15 @@ async def workdir() -> AsyncIterator[Path]:
         remove_tree(str(path))
 
 
+async def _echo_server(workdir: Path, echo: Any) -> tuple[virnet.Server, Path]:
+    """A server with ``echo`` as ECHO, listening on ``workdir/s.sock``."""
+    server = virnet.Server()
+    server.register(ECHO, echo)
+    path = workdir / "s.sock"
+    await server.listen(f"unix://{path}")
+    return server, path
+
+
 async def test_server_writes_the_first_replies_of_a_run_before_the_run_ends(
     workdir: Path,
 ) -> None:
@@ -75,10 +84,7 @@ async def test_server_writes_the_first_replies_of_a_run_before_the_run_ends(
         seen_at[args.n] = len(_messages(bytes(received)))
         return args
 
-    server = virnet.Server()
-    server.register(ECHO, echo)
-    path = workdir / "s.sock"
-    await server.listen(f"unix://{path}")
+    server, path = await _echo_server(workdir, echo)
     try:
         loop = asyncio.get_running_loop()
         peer.setblocking(False)
@@ -205,14 +211,11 @@ async def test_lean_mode_lasts_while_calls_keep_coming_and_ends_after(
     bulk limits.  The hold is stretched so that the loop's timing cannot decide it."""
     hold = 0.5
     monkeypatch.setattr(_protocol, "LEAN_HOLD", hold)
-    server = virnet.Server()
 
     async def echo(ctx: virnet.CallContext, args: EchoArgs) -> EchoArgs:
         return args
 
-    server.register(ECHO, echo)
-    path = workdir / "s.sock"
-    await server.listen(f"unix://{path}")
+    server, path = await _echo_server(workdir, echo)
     try:
         async with await virnet.connect(f"unix://{path}") as client:
             transport = client.protocol.transport
@@ -242,7 +245,6 @@ async def test_a_stream_opened_after_a_lone_call_starts_in_bulk_mode(
     from _rpcutil import SOURCE, StreamArgs, StreamService
 
     monkeypatch.setattr(_protocol, "LEAN_HOLD", 30.0)  # only the open can end it here
-    server = virnet.Server()
     seen: list[tuple[int, int]] = []
 
     release = asyncio.Event()
@@ -252,8 +254,6 @@ async def test_a_stream_opened_after_a_lone_call_starts_in_bulk_mode(
             await release.wait()
         return args
 
-    server.register(ECHO, echo)
-    StreamService().register(server)
     original = virnet.CallContext.accept_stream
 
     def accept(ctx: virnet.CallContext, *a: Any, **kw: Any) -> Any:
@@ -264,8 +264,8 @@ async def test_a_stream_opened_after_a_lone_call_starts_in_bulk_mode(
         return stream
 
     monkeypatch.setattr(virnet.CallContext, "accept_stream", accept)
-    path = workdir / "s.sock"
-    await server.listen(f"unix://{path}")
+    server, path = await _echo_server(workdir, echo)
+    StreamService().register(server)
     try:
         async with await virnet.connect(f"unix://{path}") as client:
             transport = client.protocol.transport
