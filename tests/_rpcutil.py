@@ -136,7 +136,11 @@ def pattern(size: int, seed: int) -> bytes:
     reps = size // len(block) + 1
     data = bytearray(block * reps)[:size]
     for i in range(0, size, 4096):
-        data[i : i + 4] = (i // 4096 & 0xFFFFFFFF).to_bytes(4, "big")
+        # The block number at the start of each 4 KiB, cut at the end: never longer
+        # than asked (a whole 4-byte marker in the last 1-3 bytes made it so).
+        marker = (i // 4096 & 0xFFFFFFFF).to_bytes(4, "big")[: size - i]
+        data[i : i + len(marker)] = marker
+    assert len(data) == size
     return bytes(data)
 
 

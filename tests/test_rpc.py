@@ -168,6 +168,38 @@ async def test_handler_crash_is_a_clean_error(env: Env, caplog: pytest.LogCaptur
     assert any("secret internal detail" in (r.exc_text or "") for r in caplog.records)
 
 
+async def test_a_handler_registered_while_its_call_waits_serves_it(env: Env) -> None:
+    """A call for a procedure nobody serves yet waits behind a busy worker; the handler
+    is registered meanwhile: the call is looked up again when its turn comes and served,
+    not refused with the "unknown procedure" it would have got when it arrived."""
+    env.server.limits = env.server.limits.replace(max_calls=1)
+    async with await virnet.connect(env.uri) as c:
+        blocked = asyncio.ensure_future(c.call(BLOCK, EchoArgs("", 0, 1)))
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if env.service.running == 1:
+                break
+        assert env.service.running == 1
+        late = asyncio.ensure_future(c.call(UNREGISTERED))
+        (conn,) = env.server.connections
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if conn.waiting:
+                break
+        assert [m.proc for m, _ in conn.waiting] == [UNREGISTERED.number]
+        assert conn.waiting[0][1] is None  # found no handler when it was read
+        served: list[int] = []
+
+        async def late_handler(ctx: virnet.CallContext, args: None) -> None:
+            served.append(ctx.serial)
+
+        env.server.register(UNREGISTERED, late_handler)
+        env.service.gate.set()
+        assert (await blocked).n == 1
+        await late  # answered with the (void) reply, not an error
+        assert len(served) == 1
+
+
 async def test_unknown_program_version_procedure(env: Env) -> None:
     async with await virnet.connect(env.uri) as c:
         with pytest.raises(RPCError, match="Cannot find program") as info:
