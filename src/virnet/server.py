@@ -479,24 +479,12 @@ class ServerConnection(RPCProtocol):
     def _serve_inline(self, msg: Message, reg: _Registration) -> None:
         """Serve a call whose handler is a plain function, as it is read: no worker is
         woken, and the reply is written with the others of the same read."""
+        args = self._decode_call(msg, reg)
+        if args is _REFUSED:
+            return
         proc = reg.procedure
-        if self.readonly and not reg.readonly:
-            self._decode_call(msg, reg)  # refused there, with its error reply
-            return
-        self.note_interactive()  # (what ``_decode_call`` does first: no stream here)
         try:
-            args = proc.decode_args(msg.payload)
-        except XdrError:
-            self._decode_call(msg, reg)  # answered there, with its error reply
-            return
-        try:
-            # ``_inline_result``, written out: this runs for every call.
-            result = reg.handler(CallContext(self, proc, msg.serial), args)
-            result = (
-                run_to_end(result)  # type: ignore[arg-type]  # an async def, checked
-                if reg.coroutine
-                else _plain_result(proc, result)
-            )
+            result = _inline_result(reg, CallContext(self, proc, msg.serial), args)
             payload = proc.encode_ret(result)
         except RPCError as exc:
             self.reply_error(msg, exc)
