@@ -93,10 +93,10 @@ def test_take_urgent_alone_only_when_no_stream_is_ready() -> None:
     assert core.take_output(10_000) == [b"reply3", b"a100"]
 
 
-def test_queue_reply_counts_and_does_not_notify() -> None:
+def test_send_reply_counts_and_notify_false_does_not_notify() -> None:
     core = Core()
-    n1 = core.queue_reply(0x20008086, 1, 66, 5, 0, b"abcd")
-    n2 = core.queue_reply(0x20008086, 1, 66, 6, 1, b"")
+    n1 = core.send_reply(0x20008086, 1, 66, 5, 0, b"abcd", notify=False)
+    n2 = core.send_reply(0x20008086, 1, 66, 6, 1, b"", notify=False)
     assert core.notified == 0  # the caller writes them itself
     assert n2 > n1 >= 1 and core.urgent_backlog() == n2
     decoded = b"".join(bytes(b) for b in core.take_output(0))

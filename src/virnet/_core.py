@@ -466,21 +466,14 @@ class ConnectionCore:
         payload: Buffer,
         *,
         notify: bool = True,
-    ) -> None:
-        """Queue a REPLY; ``notify`` as for ``queue_urgent``."""
+    ) -> int:
+        """Queue a REPLY; ``notify`` as for ``queue_urgent``.  Returns how many urgent
+        buffers are queued now (a caller writing them itself can tell a full batch)."""
         urgent = self._urgent
         was_empty = not urgent
         queue_message(urgent, prog, vers, proc, _REPLY, serial, status, payload)
         if was_empty and notify:
             self.on_output()
-
-    def queue_reply(
-        self, prog: int, vers: int, proc: int, serial: int, status: int, payload: Buffer
-    ) -> int:
-        """Queue a REPLY the caller will write itself (no ``on_output``); returns how
-        many urgent buffers are queued now, so it can tell a full batch."""
-        urgent = self._urgent
-        queue_message(urgent, prog, vers, proc, _REPLY, serial, status, payload)
         return len(urgent)
 
     def send_event(self, prog: int, vers: int, proc: int, payload: Buffer) -> None:

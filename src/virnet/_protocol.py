@@ -362,7 +362,8 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         other replies of that read once it is done (one write per read, like the
         simplest echo server), or at once when a batch is full; no flush is scheduled."""
         self._flush_after_read = True
-        if self.queue_reply(prog, vers, proc, serial, status, payload) >= OUTPUT_BATCH:
+        queued = self.send_reply(prog, vers, proc, serial, status, payload, notify=False)
+        if queued >= OUTPUT_BATCH:
             self.flush_now()
 
     def _flush_owed_replies(self) -> None:
