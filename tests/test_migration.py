@@ -351,12 +351,9 @@ async def test_concurrent_migrations_of_different_names_share_fairly(
     def moving(run: Run) -> list[tuple[float, int]]:
         return [(t, ev.transferred) for t, ev in run.events if 0 < ev.transferred < size]
 
-    # Both emit on the same 10 ms ticks of the source daemon: pair events 5 ms apart.
-    pairs = [
-        (a, b) for ta, a in moving(runs["x"]) for tb, b in moving(runs["y"])
-        if abs(ta - tb) < 0.005
-    ]
     trace = {n: moving(runs[n]) for n in "xy"}
+    # Both emit on the same 10 ms ticks of the source daemon: pair events 5 ms apart.
+    pairs = [(a, b) for ta, a in trace["x"] for tb, b in trace["y"] if abs(ta - tb) < 0.005]
     assert len(pairs) >= 3, f"too few moments with both moving: {trace}"
     # At the last moment both were moving (the first is about to finish), the other has
     # moved at least 60 % as much; and over the whole time both were moving, their
