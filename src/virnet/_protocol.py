@@ -305,27 +305,8 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         if handle is not None:
             handle.cancel()
             self._flush()
-        elif not self._write_urgent_alone() and self.has_output():
-            self._flush()  # queued with ``notify=False``: no flush was scheduled
-
-    def _write_urgent_alone(self) -> bool:
-        """The common case of ``flush_now``, calls or replies and nothing else to write:
-        hand them straight to the transport, without a flush's budget and stream round.
-        False when a flush is needed (stream data ready, writing paused, file packets
-        held back); True when written, or when there was nothing to write."""
-        transport = self.transport
-        if transport is None or self._write_paused or self._files_backlog:
-            return False
-        out = self.take_urgent_alone()
-        if out is None:
-            return False
-        if out:
-            if self._lean_until:
-                self._still_lean(transport)
-            transport.writelines(out)
-            if self.transport is not None:
-                self.on_written()
-        return True
+        elif self.has_output():  # queued with ``notify=False``: no flush was scheduled
+            self._flush()
 
     def send_call_now(self, prog: int, vers: int, proc: int, payload: Buffer) -> int:
         """``send_call``, written at once (a lone call: nothing to batch it with).  No
@@ -448,6 +429,18 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None:
             return
+        if not self._write_paused and not self._files_backlog:
+            # The common case, calls and replies and no stream data ready: straight to
+            # the transport, without the budget and the streams' round.
+            urgent = self.take_urgent_alone()
+            if urgent is not None:
+                if urgent:
+                    if self._lean_until:
+                        self._still_lean(transport)
+                    transport.writelines(urgent)
+                    if self.transport is not None:
+                        self.on_written()
+                return
         budget = FLUSH_BUDGET
         packet_limit = STREAM_CHUNK
         if self._lean_until and self._still_lean(transport):
