@@ -378,10 +378,11 @@ async def test_connection_lost_mid_stream_fails_promptly(env: Env) -> None:
     for conn in list(env.server.connections):
         assert conn.transport is not None
         conn.transport.abort()
-    with pytest.raises(StreamError, match="connection lost"):
+    with pytest.raises(StreamError, match="connection lost") as info:
         async with asyncio.timeout(5):
             async for _ in st:
                 pass
+    assert str(info.value).count("connection lost") == 1, info.value
     await c.close()
 
 

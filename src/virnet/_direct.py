@@ -585,7 +585,11 @@ class DirectReader:
             else:
                 req.fut.set_result(req.prefix_bytes + run.received)
         if run.lost is not None:
-            proto.abort_connection(ConnectionClosedError(f"connection lost: {run.lost}"))
+            lost = run.lost
+            if not isinstance(lost, ConnectionClosedError):
+                lost = ConnectionClosedError(f"connection lost: {run.lost}")
+                lost.__cause__ = run.lost
+            proto.abort_connection(lost)
             return
         if proto.transport is None:
             return

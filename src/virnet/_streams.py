@@ -701,7 +701,12 @@ class StreamCore:
         listener.on_finish_request()
 
     def connection_lost(self, exc: BaseException) -> None:
-        err = stream_error(f"connection lost: {exc}", ErrorCode.OPERATION_FAILED)
+        # The connection's own reason may already say so ("connection lost: [Errno
+        # 104] ..."): say it once.
+        reason = str(exc)
+        if not reason.startswith("connection lost"):
+            reason = f"connection lost: {reason}"
+        err = stream_error(reason, ErrorCode.OPERATION_FAILED)
         err.__cause__ = exc
         self.confirm = None
         self.terminate(StreamState.FAILED, err)
