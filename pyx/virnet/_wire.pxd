@@ -65,4 +65,3 @@ cdef class Calls:
     cdef bint _is_client
     cdef uint32_t _next             # the next serial to allocate (never 0)
     cdef dict _pending              # serial -> (prog, vers, proc) of unanswered calls
-    cdef public object received     # packets handed to dispatch (an int, like the twin's)

@@ -721,7 +721,6 @@ cdef class Calls:
         self._is_client = bool(is_client)
         self._next = 1
         self._pending = {}
-        self.received = 0
 
     @property
     def is_client(self):
@@ -762,7 +761,6 @@ cdef class Calls:
         on_reply = None
         on_call = None
         for msg in msgs:
-            self.received = self.received + 1
             if type(msg) is Message:
                 m = <Message>msg
             else:  # not one of ours: route it exactly as the twin does

@@ -168,10 +168,6 @@ class ConnectionCore:
     def is_client(self) -> bool:
         return self.calls.is_client
 
-    @property
-    def messages_received(self) -> int:
-        return self.calls.received
-
     # ------------------------------------------------------------------ hooks
     def on_call(self, msg: Message) -> None:
         """A CALL arrived (server role)."""

@@ -380,14 +380,12 @@ class Calls:
     ``core`` is whatever object has those three methods.
     """
 
-    __slots__ = ("_is_client", "_next", "_pending", "received")
+    __slots__ = ("_is_client", "_next", "_pending")
 
     def __init__(self, is_client: bool) -> None:
         self._is_client = bool(is_client)
         self._next = 1
         self._pending: dict[int, tuple[int, int, int]] = {}
-        #: Packets handed to ``dispatch`` so far.
-        self.received = 0
 
     @property
     def is_client(self) -> bool:
@@ -436,7 +434,6 @@ class Calls:
         on_reply: Any = None
         on_call: Any = None
         for msg in msgs:
-            self.received += 1
             mtype = msg.type
             if mtype == _REPLY:
                 if not self._is_client:
