@@ -27,7 +27,7 @@ import pytest
 import virnet
 from _daemon import stop_process
 from _rpcutil import remove_tree, short_tmpdir
-from virnet import server as server_module
+from virnet import _listen as listen_module
 from virnet.services import files as f
 
 #: The daemon's descriptor limit: room for its own and a few dozen connections.
@@ -37,8 +37,8 @@ LOG_INTERVAL = 1.0
 
 DAEMON = f"""
 import sys
-from virnet import server
-server.REFUSED_LOG_INTERVAL = {LOG_INTERVAL}
+from virnet import _listen
+_listen.REFUSED_LOG_INTERVAL = {LOG_INTERVAL}
 from virnet.daemon.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -219,7 +219,7 @@ async def test_without_a_spare_descriptor_accepting_pauses(
     """If not even the spare descriptor is there to refuse with, the waiting
     connections stay in the backlog: logged, and the listener is left alone for
     ACCEPT_PAUSE at a time (it stays readable: watching it would spin the loop)."""
-    monkeypatch.setattr(server_module._Refusals, "ensure_spare", lambda self: None)
+    monkeypatch.setattr(listen_module.Refusals, "ensure_spare", lambda self: None)
     tmp = short_tmpdir()
     server = virnet.Server()
     try:
@@ -232,7 +232,7 @@ async def test_without_a_spare_descriptor_accepting_pauses(
             await asyncio.sleep(1.0)
             assert not connecting.done()  # waiting in the backlog, not refused
             # one accept() per pause, not a spin
-            assert 2 <= failing.calls <= 1.0 / server_module.ACCEPT_PAUSE + 2, failing.calls
+            assert 2 <= failing.calls <= 1.0 / listen_module.ACCEPT_PAUSE + 2, failing.calls
             failing.failing = False
             client = await connecting  # accepted at the next try
             await client.close()

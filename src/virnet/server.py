@@ -10,25 +10,17 @@ turns (``run_blocking``).  A handler's ``RPCError`` becomes libvirt's error repl
 fields; any other exception is logged with its traceback and the client gets a clean
 internal-error message.  A malformed packet closes only that connection.
 
-The server accepts on its listening sockets itself rather than through the loop's
-``create_server``, so that running out of file descriptors behaves the same on every
-loop (asyncio logged a traceback per attempt, up to 256 a second; uvloop refused
-silently and, without its spare descriptor, closed the listener): the waiting
-connections are refused with a spare descriptor, the refusals logged at most every
-``REFUSED_LOG_INTERVAL`` seconds with their count, and accepting pauses for
-``ACCEPT_PAUSE`` seconds, so the loop never spins on a listener it cannot serve.
+Listening sockets and accepting on them are ``_listen``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import inspect
 import logging
 import os
 import socket
-import stat
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
@@ -40,6 +32,7 @@ from ._blocking import WORKERS as BLOCKING_WORKERS
 from ._blocking import BlockingPool
 from ._impl import Message
 from ._inline import never_suspends, run_to_end
+from ._listen import Listener, Refusals, remove_stale_socket, tcp_listeners, unix_listener
 from ._protocol import RPCProtocol
 from ._streams import StreamCore, StreamState
 from ._uri import Address, parse_uri
@@ -67,15 +60,7 @@ LONG_WORKERS = 2
 STREAM_TASK_GRACE = 10.0
 #: Idle worker tasks kept per connection for the next calls.
 IDLE_WORKERS = 64
-#: Connections accepted per wake-up of a listener before other work gets a turn.
-ACCEPT_BATCH = 64
-#: Seconds a listener stops accepting after an accept failed for lack of resources.
-ACCEPT_PAUSE = 0.25
-#: Connections refused for lack of descriptors are logged at most once per this many
-#: seconds (with how many were refused since the last line).
-REFUSED_LOG_INTERVAL = 10.0
 _UNREAD_OUTPUT = "unread replies"  # a hold_reading reason
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True)
@@ -614,11 +599,11 @@ class Server:
         self.programs: dict[tuple[int, int], Program] = {}
         self.handlers: dict[tuple[int, int, int], _Registration] = {}
         self.connections: set[ServerConnection] = set()
-        self._listeners: list[_Listener] = []
+        self._listeners: list[Listener] = []
         self._adopted_paths: set[str] = set()  # Unix sockets bound by someone else
         self._closing = False
         self._closed = asyncio.Event()
-        self._refusals = _Refusals()
+        self._refusals = Refusals()
 
     # ------------------------------------------------------------------ blocking work
     def run_blocking(
@@ -703,15 +688,17 @@ class Server:
         if address.scheme == "unix":
             path = address.path
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            _remove_stale_socket(path)
-            socks = [_unix_listener(path)]
+            remove_stale_socket(path)
+            socks = [unix_listener(path)]
         else:
-            socks = await _tcp_listeners(loop, address.host, address.port)
+            socks = await tcp_listeners(loop, address.host, address.port)
             host, port = socks[0].getsockname()[:2]
             address = Address("tcp", host=host, port=port)
         self._refusals.ensure_spare()
         for sock in socks:
-            listener = _Listener(self, loop, sock, address, readonly)
+            listener = Listener(
+                loop, sock, address, self._protocol_factory(readonly), self._refusals
+            )
             self._listeners.append(listener)
             listener.start()
         log.debug("listening on %s", address)
@@ -730,7 +717,9 @@ class Server:
         else:
             address = Address("tcp", host=name[0], port=name[1])
         self._refusals.ensure_spare()
-        listener = _Listener(self, loop, sock, address, readonly)
+        listener = Listener(
+            loop, sock, address, self._protocol_factory(readonly), self._refusals
+        )
         self._listeners.append(listener)
         listener.start()
         log.debug("listening on %s (inherited)", address)
@@ -743,6 +732,9 @@ class Server:
             if listener.address not in seen:
                 seen.append(listener.address)
         return seen
+
+    def _protocol_factory(self, readonly: bool) -> Callable[[], ServerConnection]:
+        return lambda: ServerConnection(self, readonly)
 
     def _admit(self, conn: ServerConnection) -> bool:
         if self._closing or len(self.connections) >= self.limits.max_clients:
@@ -801,247 +793,3 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-class _Refusals:
-    """Connections refused for lack of descriptors: the spare descriptor that makes
-    refusing them possible, and the rate-limited log of how many were refused."""
-
-    def __init__(self) -> None:
-        self.spare: int | None = None
-        self.count = 0
-        self.stuck = False
-        self.reason = ""
-        self.where = ""
-        self.logged_at: float | None = None
-        self.report: asyncio.TimerHandle | None = None
-
-    def ensure_spare(self) -> None:
-        """Hold one descriptor to give up when accept() runs out (any will do)."""
-        if self.spare is None:
-            with contextlib.suppress(OSError):
-                self.spare = os.open("/", os.O_PATH | os.O_CLOEXEC)
-
-    def refuse_waiting(self, listener: _Listener, exc: OSError) -> None:
-        """accept() failed with ``exc``: with the spare descriptor's slot, accept and
-        close the connections waiting on ``listener`` (they would otherwise wait in the
-        backlog, or time out), then count and maybe log it."""
-        refused = 0
-        if self.spare is None:
-            self.stuck = True  # nothing to refuse them with: they wait in the backlog
-        else:
-            os.close(self.spare)
-            self.spare = None
-            for _ in range(ACCEPT_BATCH * 16):
-                try:
-                    conn, _ = listener.sock.accept()
-                except OSError:  # none waiting any more, or the slot was taken again
-                    break
-                conn.close()
-                refused += 1
-            self.ensure_spare()
-            if not refused:
-                # accept() fails before it looks for a connection: none was waiting.
-                return
-        self.count += refused
-        self.reason = exc.strerror or str(exc)
-        self.where = str(listener.address)
-        now = listener.loop.time()
-        if self.logged_at is None or now - self.logged_at >= REFUSED_LOG_INTERVAL:
-            self._log(now)
-        elif self.report is None:
-            self.report = listener.loop.call_at(
-                self.logged_at + REFUSED_LOG_INTERVAL, self._log_later, listener.loop
-            )
-
-    def _log_later(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.report = None
-        if self.count or self.stuck:
-            self._log(loop.time())
-
-    def _log(self, now: float) -> None:
-        stuck = "; no descriptor to spare: others wait" if self.stuck else ""
-        if self.logged_at is None:
-            log.warning(
-                "cannot accept connections on %s: %s; refused %d waiting connection(s)%s "
-                "(reported at most every %g s)",
-                self.where, self.reason, self.count, stuck, REFUSED_LOG_INTERVAL,
-            )
-        else:
-            log.warning(
-                "cannot accept connections on %s: %s; refused %d connection(s) in the "
-                "last %.0f s%s",
-                self.where, self.reason, self.count, now - self.logged_at, stuck,
-            )
-        self.count = 0
-        self.stuck = False
-        self.logged_at = now
-        if self.report is not None:
-            self.report.cancel()
-            self.report = None
-
-    def close(self) -> None:
-        if self.report is not None:
-            self.report.cancel()
-            self.report = None
-        if self.spare is not None:
-            os.close(self.spare)
-            self.spare = None
-
-
-class _Listener:
-    """One listening socket, accepted on by the server itself."""
-
-    def __init__(
-        self,
-        server: Server,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        address: Address,
-        readonly: bool,
-    ) -> None:
-        self.server = server
-        self.loop = loop
-        self.sock = sock
-        self.address = address
-        self.readonly = readonly
-        self._fd = sock.fileno()
-        self._resume: asyncio.TimerHandle | None = None
-        self._starting: set[asyncio.Task[None]] = set()
-        self._closed = False
-
-    def start(self) -> None:
-        self.loop.add_reader(self._fd, self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    self.server._refusals.refuse_waiting(self, exc)
-                else:
-                    log.warning("accepting a connection on %s failed: %s", self.address, exc)
-                self._pause()
-                return
-            self._connect(conn)
-
-    def _pause(self) -> None:
-        """Stop watching the socket for a while: a listener it cannot accept on stays
-        readable, and the loop would spin on it."""
-        if self._closed or self._resume is not None:
-            return
-        self.loop.remove_reader(self._fd)
-        self._resume = self.loop.call_later(ACCEPT_PAUSE, self._unpause)
-
-    def _unpause(self) -> None:
-        self._resume = None
-        if not self._closed:
-            self.server._refusals.ensure_spare()
-            self.start()
-
-    def _connect(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        task = self.loop.create_task(self._start_connection(conn))
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
-
-    async def _start_connection(self, conn: socket.socket) -> None:
-        server, readonly = self.server, self.readonly
-        try:
-            await self.loop.connect_accepted_socket(
-                lambda: ServerConnection(server, readonly), conn
-            )
-        except Exception as exc:  # the socket failed before the connection started
-            log.debug("connection on %s failed to start: %s", self.address, exc)
-            conn.close()
-
-    def close(self) -> None:
-        self._closed = True
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
-        else:
-            self.loop.remove_reader(self._fd)
-        self.sock.close()
-
-
-def _unix_listener(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(256)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def _tcp_listeners(
-    loop: asyncio.AbstractEventLoop, host: str, port: int
-) -> list[socket.socket]:
-    """A listening socket per address of ``host`` (as ``loop.create_server`` binds)."""
-    infos = await loop.getaddrinfo(
-        host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    socks: list[socket.socket] = []
-    try:
-        for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(sockaddr)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"error while attempting to bind on address {sockaddr!r}: "
-                    f"{exc.strerror}"
-                ) from None
-            sock.listen(256)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    if not socks:
-        raise OSError(f"no address to listen on for {host!r}")
-    return socks
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a leftover socket file (a previous daemon that died); refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(5)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: stale
-    except OSError as exc:
-        # A busy server (full backlog: a timeout or EAGAIN) is still a server: only a
-        # refusal proves the file is stale, and removing a live daemon's socket is worse
-        # than refusing to start.
-        raise OSError(
-            errno.EADDRINUSE, f"{path} may be in use (probing it failed: {exc})"
-        ) from None
-    else:
-        raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
-    finally:
-        probe.close()
