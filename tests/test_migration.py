@@ -338,9 +338,9 @@ async def test_concurrent_migrations_of_different_names_share_fairly(
     that neither which call started first nor when the last events came can decide it
     (with the default 100 ms a 256 MiB image gives two or three events per run, and
     "where the other was when one finished" read its last one, up to 100 ms old)."""
-    from virnet.daemon import migration as daemon_migration
+    from virnet.daemon import migration_source
 
-    monkeypatch.setattr(daemon_migration, "PROGRESS_INTERVAL", 0.01)
+    monkeypatch.setattr(migration_source, "PROGRESS_INTERVAL", 0.01)
     ua, ra, ub, rb = await pair(daemons)
     size = 256 * MiB
     digests = {n: make_image(os.path.join(ra, n), size, seed=i) for i, n in enumerate("xy")}
