@@ -257,24 +257,52 @@ def test_struct_codecs_compile_once_on_first_use() -> None:
         b: Annotated[str, xdr.string(10)]
 
     t = Lazy.__xdr_type__  # type: ignore[attr-defined]
-    early_pack, early_unpack = t.pack, t.unpack  # bound before any use
+    # bound before any use
+    early_pack, early_unpack, early_encode, early_decode = t.pack, t.unpack, t.encode, t.decode
     compiled: list[str] = []
     real_pack, real_unpack = t._compile_pack, t._compile_unpack
-    def compile_pack() -> Any:
-        compiled.append("pack")
-        return real_pack()
 
-    def compile_unpack() -> Any:
-        compiled.append("unpack")
-        return real_unpack()
+    def compile_pack(kind: str = "pack") -> Any:
+        compiled.append(kind)
+        return real_pack(kind)
+
+    def compile_unpack(kind: str = "unpack") -> Any:
+        compiled.append(kind)
+        return real_unpack(kind)
 
     t._compile_pack, t._compile_unpack = compile_pack, compile_unpack
     for _ in range(3):
         packer = _impl.Packer()
         early_pack(packer, Lazy(7, "hi"))
         assert early_unpack(_impl.Unpacker(packer.getvalue())) == Lazy(7, "hi")
+        assert early_decode(early_encode(Lazy(7, "hi"))) == Lazy(7, "hi")
+        assert early_encode(Lazy(7, "hi")) == packer.getvalue()
     assert xdr.decode(Lazy, xdr.encode(Lazy, Lazy(1, "x"))) == Lazy(1, "x")
-    assert compiled == ["pack", "unpack"]
+    assert sorted(compiled) == ["decode", "encode", "pack", "unpack"]
+
+
+def test_struct_messages_are_checked_like_any_type() -> None:
+    """A struct's whole-message codecs (generated, not ``XdrType.encode``/``decode``)
+    refuse what the generic ones refuse, with the field named."""
+
+    @xdr.struct
+    class Pair:
+        a: xdr.UInt
+        b: Annotated[str, xdr.string(4)]
+
+    t = Pair.__xdr_type__  # type: ignore[attr-defined]
+    good = xdr.encode(Pair, Pair(1, "ab"))
+    assert good == xdr.XdrType.encode(t, Pair(1, "ab"))  # same bytes as the generic path
+    with pytest.raises(XdrError, match="trailing"):
+        xdr.decode(Pair, good + b"\0\0\0\0")
+    with pytest.raises(XdrError, match=r"\bb\b.*maximum of 4|maximum of 4.*\bb\b"):
+        xdr.encode(Pair, Pair(1, "hello"))
+    with pytest.raises(XdrError, match="Pair expected"):
+        xdr.encode(Pair, (1, "ab"))
+    with pytest.raises(XdrError):
+        xdr.decode(Pair, good[:-1])
+    t.compile()
+    assert xdr.decode(Pair, xdr.encode(Pair, Pair(2, "cd"))) == Pair(2, "cd")
 
 
 def test_optional_of_optional_or_void_is_refused() -> None:

@@ -311,28 +311,56 @@ class StructType(XdrType[T]):
         self.name = cls.__name__
         # Compiled on first use: a program declares dozens of structs, and a command-line
         # client that makes one call should not pay for generating every codec at import.
-        self._compiled_pack: Callable[[Any, Any], None] | None = None
+        self._compiled_pack: Callable[..., Any] | None = None
         self._compiled_unpack: Callable[[Any], Any] | None = None
+        self._compiled_encode: Callable[..., Any] | None = None
+        self._compiled_decode: Callable[[Buffer], Any] | None = None
         self.pack = self._first_pack  # type: ignore[method-assign]
         self.unpack = self._first_unpack  # type: ignore[method-assign]
+        # A whole message (a call's arguments, a reply) is encoded and decoded by
+        # generated functions too, with the packer and the end check inline: the layer
+        # of ``XdrType.encode``/``decode`` around the generated body was a Python call
+        # per message on each side.
+        self.encode = self._first_encode  # type: ignore[method-assign]
+        self.decode = self._first_decode  # type: ignore[method-assign]
 
     def compile(self) -> None:
-        """Generate both codecs now (instead of at first use): ``pack`` and ``unpack``
-        are then the generated functions themselves."""
+        """Generate the codecs now (instead of at first use): ``pack``, ``unpack``,
+        ``encode`` and ``decode`` are then the generated functions themselves."""
         if self._compiled_pack is None:
             self._compiled_pack = self._compile_pack()
         if self._compiled_unpack is None:
             self._compiled_unpack = self._compile_unpack()
-        self.pack = self._compiled_pack  # type: ignore[method-assign, assignment]
+        self.pack = self._compiled_pack  # type: ignore[method-assign]
         self.unpack = self._compiled_unpack  # type: ignore[method-assign, assignment]
+        if self._compiled_encode is None:
+            self._compiled_encode = self._compile_pack("encode")
+        if self._compiled_decode is None:
+            self._compiled_decode = self._compile_unpack("decode")
+        self.encode = self._compiled_encode  # type: ignore[method-assign]
+        self.decode = self._compiled_decode  # type: ignore[method-assign, assignment]
 
-    # Whoever bound ``pack``/``unpack`` before the first use keeps calling these: compile
-    # once, then only forward.
+    # Whoever bound one of these before the first use keeps calling the ``_first_``
+    # method: compile once, then only forward.
+    def _first_encode(self, value: Any) -> bytes:
+        fn = self._compiled_encode
+        if fn is None:
+            fn = self._compiled_encode = self._compile_pack("encode")
+            self.encode = fn  # type: ignore[method-assign]
+        return fn(value)  # type: ignore[no-any-return]
+
+    def _first_decode(self, data: Buffer) -> Any:
+        fn = self._compiled_decode
+        if fn is None:
+            fn = self._compiled_decode = self._compile_unpack("decode")
+            self.decode = fn  # type: ignore[method-assign, assignment]
+        return fn(data)
+
     def _first_pack(self, packer: Any, value: Any) -> None:
         fn = self._compiled_pack
         if fn is None:
             fn = self._compiled_pack = self._compile_pack()
-            self.pack = fn  # type: ignore[method-assign, assignment]
+            self.pack = fn  # type: ignore[method-assign]
         fn(packer, value)
 
     def _first_unpack(self, unpacker: Any) -> Any:
@@ -356,12 +384,16 @@ class StructType(XdrType[T]):
     def _namespace(self) -> dict[str, Any]:
         ns: dict[str, Any] = {"cls": self.cls, "names": [n for n, _ in self.fields]}
         ns.update({f"t{i}": ftype for i, (_, ftype) in enumerate(self.fields)})
-        ns.update(XdrError=XdrError, type=type)
+        ns.update(XdrError=XdrError, type=type, Packer=Packer, Unpacker=Unpacker)
         return ns
 
-    def _compile_pack(self) -> Callable[[Any, Any], None]:
+    def _compile_pack(self, kind: str = "pack") -> Callable[..., Any]:
+        """``pack(packer, value)``, or with ``kind="encode"`` ``encode(value)`` (a
+        packer of its own, its bytes returned)."""
+        head = "def pack(packer, value):" if kind == "pack" else "def encode(value):"
         lines = [
-            "def pack(packer, value):",
+            head,
+            *(["    packer = Packer()"] if kind == "encode" else []),
             "    if not isinstance(value, cls):",
             "        raise XdrError(f'{cls.__name__} expected, got {type(value).__name__}')",
             "    f = 0",
@@ -377,12 +409,19 @@ class StructType(XdrType[T]):
             "    except (TypeError, ValueError, OverflowError, AttributeError) as exc:",
             "        raise XdrError(str(exc), names[f]) from None",
         ]
+        if kind == "encode":
+            lines.append("    return packer.getvalue()")
         ns = self._namespace()
         exec("\n".join(lines), ns)
-        return ns["pack"]  # type: ignore[no-any-return]
+        return ns[kind]  # type: ignore[no-any-return]
 
-    def _compile_unpack(self) -> Callable[[Any], Any]:
-        lines = ["def unpack(u):", "    f = 0", "    try:"]
+    def _compile_unpack(self, kind: str = "unpack") -> Callable[[Any], Any]:
+        """``unpack(unpacker)``, or with ``kind="decode"`` ``decode(data)`` (all of
+        ``data``: leftover bytes are an error)."""
+        if kind == "decode":
+            lines = ["def decode(data):", "    u = Unpacker(data)", "    f = 0", "    try:"]
+        else:
+            lines = ["def unpack(u):", "    f = 0", "    try:"]
         for i, (_, ftype) in enumerate(self.fields):
             lines.append(f"        f = {i}")
             lines.append(f"        v{i} = " + self._field_code(i, ftype, False))
@@ -390,11 +429,15 @@ class StructType(XdrType[T]):
         lines += [
             "    except XdrError as exc:",
             "        raise exc.at(names[f]) from None",
-            "    return cls(" + ", ".join(f"v{i}" for i in range(len(self.fields))) + ")",
         ]
+        if kind == "decode":
+            lines.append("    u.done()")
+        lines.append(
+            "    return cls(" + ", ".join(f"v{i}" for i in range(len(self.fields))) + ")"
+        )
         ns = self._namespace()
         exec("\n".join(lines), ns)
-        return ns["unpack"]  # type: ignore[no-any-return]
+        return ns[kind]  # type: ignore[no-any-return]
 
 
 def _field_type(owner: type, name: str, hint: Any) -> XdrType[Any]:
