@@ -161,7 +161,9 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self.abort_connection(exc)
             return
-        self._flush_owed_replies()
+        if self._flush_after_read:  # ``_flush_owed_replies``, once per read
+            self._flush_after_read = False
+            self.flush_now()
         if self.direct.requested is not None:
             self.direct.between_reads()
         if self.yield_read:

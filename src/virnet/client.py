@@ -110,7 +110,9 @@ class Client:
         ``ConnectionClosedError`` when the connection ends.
         """
         # ``args`` is None for a void procedure (no ``cast()``: it is a call at run time).
-        payload = procedure.encode_args(args)  # type: ignore[arg-type]
+        # ``args.encode`` and ``ret.decode`` are ``encode_args`` and ``decode_ret``
+        # without their frames (once per call).
+        payload = procedure.args.encode(args)  # type: ignore[arg-type]
         prog = procedure.program
         proto = self._proto
         if timeout is not None or proto.transport is None:
@@ -136,7 +138,7 @@ class Client:
             if status == _ERROR:
                 raise protocol.decode_error(data)
         try:
-            return procedure.decode_ret(data)
+            return procedure.ret.decode(data)
         except XdrError as exc:
             raise ProtocolError(f"bad reply to {procedure!r}: {exc}") from None
 

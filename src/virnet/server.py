@@ -323,17 +323,19 @@ class ServerConnection(RPCProtocol):
         return transport.get_write_buffer_size() if transport is not None else 0
 
     def on_written(self) -> None:
-        if self._drained is None and self.output_backlog() > self.server.limits.max_client_output:
+        # Only a transport that paused writing can hold more than the bound (it is below
+        # the transport's high-water mark): once per write, so the cheap test first.
+        if (
+            self._write_paused
+            and self._drained is None
+            and self.output_backlog() > self.server.limits.max_client_output
+        ):
             self._pause_for_output()
 
     def _pause_for_output(self) -> None:
         """The client is not reading what we send: stop reading its calls, start none
         of those already read (they wait, none is dropped) and start none of its
         blocking jobs, until its replies drain."""
-        if not self._write_paused:
-            # Only a bound below the transport's high-water mark gets here; the
-            # transport would never report draining, so do not wait for it.
-            return
         self._drained = self.loop.create_future()
         self.hold_reading(_UNREAD_OUTPUT, True)
         self.server.pause_owner(self)
@@ -402,7 +404,7 @@ class ServerConnection(RPCProtocol):
             else:
                 result = await reg.handler(ctx, args)
             if proc.stream is None:
-                payload = proc.encode_ret(result)
+                payload = proc.ret.encode(result)
             elif ctx.stream is None:
                 raise RuntimeError("stream handler returned without accepting its stream")
         except RPCError as exc:
@@ -449,7 +451,7 @@ class ServerConnection(RPCProtocol):
             )
             return _REFUSED
         try:
-            return proc.decode_args(msg.payload)
+            return proc.args.decode(msg.payload)  # (``decode_args`` without its frame)
         except XdrError as exc:
             self.reply_error(
                 msg,
@@ -470,7 +472,7 @@ class ServerConnection(RPCProtocol):
         proc = reg.procedure
         try:
             result = _inline_result(reg, CallContext(self, proc, msg.serial), args)
-            payload = proc.encode_ret(result)
+            payload = proc.ret.encode(result)  # (``encode_ret`` without its frame)
         except RPCError as exc:
             self.reply_error(msg, exc)
             return
