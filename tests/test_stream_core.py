@@ -210,6 +210,24 @@ def test_only_the_core_writes_the_routing_table() -> None:
     assert client.unrouted == 1
 
 
+def test_packet_buffers_of_ended_streams_are_given_back() -> None:
+    """Several streams whose data waits unread keep a pooled packet buffer busy per
+    packet; once the last stream has ended the connection keeps only POOL_KEEP."""
+    from virnet import _wire_py
+
+    client, _ = pair()
+    streams = [client.open_stream(PROG, VERS, PROC, serial) for serial in (1, 2)]
+    chunk = bytes(STREAM_CHUNK)
+    for _ in range(12):
+        for serial in (1, 2):
+            client.feed(packet(CONTINUE, chunk, serial=serial))
+    assert client.decoder.pooled == 24  # one per unread packet, none freed yet
+    streams[0].terminate(StreamState.ABORTED, None)
+    assert client.decoder.pooled == 24  # another stream is still open
+    streams[1].terminate(StreamState.ABORTED, None)
+    assert client.decoder.pooled == _wire_py.POOL_KEEP
+
+
 # ---------------------------------------------------------------------- state tables
 #: Legal state changes of one step.  A server never shows FINISHING; it goes from OPEN
 #: straight to FINISHED when its completion confirms the client's finish.

@@ -1171,3 +1171,27 @@ def test_queue_message_other_queues() -> None:
         return norm(list(out)), outcome(m.queue_message, (), PROG, 1, 2, 1, 5, 0)
 
     same(run)
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_packet_buffer_pool_grows_to_its_bound_and_trims(mod: Any) -> None:
+    """Full stream packets held by their readers each keep a pooled buffer busy: the pool
+    grows to POOL_MAX (no fresh buffer per packet while several streams lag a little),
+    reuses what is released, and ``trim_pool`` gives back all but POOL_KEEP."""
+    packet = mod.join(mod.encode_stream_data(PROG, 1, 1, 7, bytes(262120)))
+    assert len(packet) == py_wire.POOL_BUFFER
+    dec = mod.FrameDecoder()
+    held = []
+    for _ in range(py_wire.POOL_MAX + 8):
+        held.extend(dec.feed(packet))
+    assert dec.pooled == py_wire.POOL_MAX
+    held.clear()  # every buffer free again: reused, none added
+    for _ in range(py_wire.POOL_MAX):
+        held.extend(dec.feed(packet))
+    assert dec.pooled == py_wire.POOL_MAX
+    assert all(len(m.payload) == 262120 for m in held)
+    dec.trim_pool()
+    assert dec.pooled == py_wire.POOL_KEEP
+    held.clear()
+    dec.trim_pool()
+    assert dec.pooled == py_wire.POOL_KEEP

@@ -79,7 +79,8 @@ cdef enum:
     C_SCRATCH_SIZE = 256 * 1024
     C_DIRECT_THRESHOLD = 64 * 1024
     POOL_BUFFER = 28 + 262120       # one full stream data packet
-    POOL_MAX = 16                   # recycled buffers kept per decoder (4 MiB)
+    POOL_MAX = 64                   # recycled buffers kept per decoder (16 MiB) ...
+    POOL_KEEP = 16                  # ... and after trim_pool (4 MiB)
     STREAM_TYPE = 3             # MessageType.STREAM
     CONTINUE_STATUS = 2         # MessageStatus.CONTINUE
     SMALL_PACKER = 256          # Packer's inline buffer (sizeof Packer._small)
@@ -350,6 +351,16 @@ cdef class FrameDecoder:
         if self._body is not None:
             return self._body_pos
         return self._end - self._start
+
+    @property
+    def pooled(self):
+        """Recycled packet buffers held for reuse (free or not)."""
+        return len(self._pool)
+
+    def trim_pool(self):
+        """Keep at most POOL_KEEP recycled buffers: the connection's streams ended, and
+        the buffers that several of them kept busy at once are given back."""
+        del self._pool[POOL_KEEP:]
 
     def get_buffer(self, sizehint=-1):
         cdef unsigned char* p

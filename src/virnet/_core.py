@@ -369,6 +369,9 @@ class ConnectionCore:
         if self.streams.get(key) is stream:
             del self.streams[key]
         self._rx_over_limit.discard(stream)
+        if not self.streams:
+            # The packet buffers several streams kept busy at once are not needed now.
+            self.decoder.trim_pool()
         self.on_stream_closed(stream)
 
     def stream_over_limit(self, stream: StreamCore, over: bool) -> None:
