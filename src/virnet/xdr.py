@@ -311,64 +311,45 @@ class StructType(XdrType[T]):
         self.name = cls.__name__
         # Compiled on first use: a program declares dozens of structs, and a command-line
         # client that makes one call should not pay for generating every codec at import.
-        self._compiled_pack: Callable[..., Any] | None = None
-        self._compiled_unpack: Callable[[Any], Any] | None = None
-        self._compiled_encode: Callable[..., Any] | None = None
-        self._compiled_decode: Callable[[Buffer], Any] | None = None
-        self.pack = self._first_pack  # type: ignore[method-assign]
-        self.unpack = self._first_unpack  # type: ignore[method-assign]
         # A whole message (a call's arguments, a reply) is encoded and decoded by
         # generated functions too, with the packer and the end check inline: the layer
         # of ``XdrType.encode``/``decode`` around the generated body was a Python call
         # per message on each side.
+        self._compiled: dict[str, Callable[..., Any]] = {}  # "pack", "unpack", ...
+        self.pack = self._first_pack  # type: ignore[method-assign]
+        self.unpack = self._first_unpack  # type: ignore[method-assign]
         self.encode = self._first_encode  # type: ignore[method-assign]
         self.decode = self._first_decode  # type: ignore[method-assign]
 
     def compile(self) -> None:
         """Generate the codecs now (instead of at first use): ``pack``, ``unpack``,
         ``encode`` and ``decode`` are then the generated functions themselves."""
-        if self._compiled_pack is None:
-            self._compiled_pack = self._compile_pack()
-        if self._compiled_unpack is None:
-            self._compiled_unpack = self._compile_unpack()
-        self.pack = self._compiled_pack  # type: ignore[method-assign]
-        self.unpack = self._compiled_unpack  # type: ignore[method-assign, assignment]
-        if self._compiled_encode is None:
-            self._compiled_encode = self._compile_pack("encode")
-        if self._compiled_decode is None:
-            self._compiled_decode = self._compile_unpack("decode")
-        self.encode = self._compiled_encode  # type: ignore[method-assign]
-        self.decode = self._compiled_decode  # type: ignore[method-assign, assignment]
+        for kind in ("pack", "unpack", "encode", "decode"):
+            self._codec(kind)
+
+    def _codec(self, kind: str) -> Callable[..., Any]:
+        """The generated ``kind`` function, made once and from then on the attribute of
+        that name itself."""
+        fn = self._compiled.get(kind)
+        if fn is None:
+            make = self._compile_pack if kind in ("pack", "encode") else self._compile_unpack
+            fn = self._compiled[kind] = make(kind)
+            setattr(self, kind, fn)
+        return fn
 
     # Whoever bound one of these before the first use keeps calling the ``_first_``
-    # method: compile once, then only forward.
-    def _first_encode(self, value: Any) -> bytes:
-        fn = self._compiled_encode
-        if fn is None:
-            fn = self._compiled_encode = self._compile_pack("encode")
-            self.encode = fn  # type: ignore[method-assign]
-        return fn(value)  # type: ignore[no-any-return]
-
-    def _first_decode(self, data: Buffer) -> Any:
-        fn = self._compiled_decode
-        if fn is None:
-            fn = self._compiled_decode = self._compile_unpack("decode")
-            self.decode = fn  # type: ignore[method-assign, assignment]
-        return fn(data)
-
+    # method: it compiles once, then only forwards.
     def _first_pack(self, packer: Any, value: Any) -> None:
-        fn = self._compiled_pack
-        if fn is None:
-            fn = self._compiled_pack = self._compile_pack()
-            self.pack = fn  # type: ignore[method-assign]
-        fn(packer, value)
+        self._codec("pack")(packer, value)
 
     def _first_unpack(self, unpacker: Any) -> Any:
-        fn = self._compiled_unpack
-        if fn is None:
-            fn = self._compiled_unpack = self._compile_unpack()
-            self.unpack = fn  # type: ignore[method-assign, assignment]
-        return fn(unpacker)
+        return self._codec("unpack")(unpacker)
+
+    def _first_encode(self, value: Any) -> bytes:
+        return self._codec("encode")(value)  # type: ignore[no-any-return]
+
+    def _first_decode(self, data: Buffer) -> Any:
+        return self._codec("decode")(data)
 
     def _field_code(self, i: int, ftype: XdrType[Any], packing: bool, arg: str = "") -> str:
         if isinstance(ftype, _Primitive):
