@@ -161,9 +161,7 @@ class RPCProtocol(ConnectionCore, asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self.abort_connection(exc)
             return
-        if self._flush_after_read:  # ``_flush_owed_replies``, once per read
-            self._flush_after_read = False
-            self.flush_now()
+        self._flush_owed_replies()
         if self.direct.requested is not None:
             self.direct.between_reads()
         if self.yield_read:
