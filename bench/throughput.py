@@ -9,8 +9,10 @@ Every scenario moves a fixed volume from a *sender* process to a *receiver* proc
 processes: the machine has 2 cores and one Python process per side is how virnet is
 deployed).  The receiver times the transfer from its first received byte to its last and
 reports the seconds on stdout; the parent turns that into GB/s (10^9 bytes/s).  All
-scenarios are repeated ``--repeat`` times, interleaved round by round (anchor, framing, ...,
-anchor, framing, ...), so that a noisy neighbour hurts all of them alike.  The table shows
+scenarios are repeated ``--repeat`` times, interleaved round by round, every other round in
+reverse order (anchor, framing, ..., ..., framing, anchor, ...), so that a noisy neighbour
+hurts all of them alike and a drift within a run (a daemon warming up, memory the machine
+is taking back) does not always favour the row that comes first.  The table shows
 the median and the ratio to the median of the row's anchor taken in the same run (column
 ``vs``): the raw uvloop pump over a Unix socket for every scenario that names no other
 (``Scenario.anchor_name`` None), the local copy with ``dd`` for the whole-process rows
@@ -1293,7 +1295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="virnet-bench-") as tmp:
             for rep in range(repeat):
-                for sc in scenarios:
+                for sc in scenarios if rep % 2 == 0 else scenarios[::-1]:
                     if sc.skipped is not None:
                         continue
                     vol = min(nbytes, sc.cap) if sc.cap else nbytes
