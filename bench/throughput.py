@@ -52,7 +52,7 @@ grpcio) is skipped with its reason (``meta.skipped``).
   raw volume filled with data.  Download is timed first chunk to last by the client;
   upload from the ``upload()`` call to ``finish()``.  libvirtd's CPU comes from /proc.
   The fixture makes one small untimed upload first (``LibvirtFixture._warm_up``): a
-  fresh libvirtd costs three times as much per GiB sent until it has received one.
+  fresh libvirtd costs up to three times as much per GiB sent until it has received one.
 * ``virnet.libvirt vol-download|vol-upload`` -- virnet's own libvirt client (compiled,
   uvloop) against the same libvirtd, timed the same way.
 * ``local copy, dd bs=1M into a new file (tmpfs)`` -- the second anchor, a whole process
@@ -929,15 +929,15 @@ class LibvirtFixture:
         return self.daemon
 
     def _warm_up(self) -> None:
-        """One small untimed upload in full-size packets (``virnet.libvirt``, 64 MiB at
-        offset 0) before any row is timed.  A fresh libvirtd serving downloads faulted in
-        150-390k new pages per GiB and spent 1.5-2.2 s of CPU per GiB sent; once it had
-        received one upload of 262120-byte packets, next to no faults and ~0.6 s, for
-        python3-libvirt's client and ours alike.  (``virsh vol-upload`` did not do it: it
-        sends 64 KiB packets.  What changes is consistent with glibc's malloc, which maps
-        every block above its mmap threshold afresh until it has freed one that size.)
-        Without this the first rows of a run measured that start-up state, and which
-        client met it depended on the order."""
+        """One small untimed upload (``virnet.libvirt``, 64 MiB at offset 0) before any row
+        is timed.  libvirtd serves a download in one of two states, whoever the client:
+        faulting in ~393k fresh pages per GiB sent (1.5 per page of data) at 1.3-2.2 s of
+        CPU per GiB, or next to no faults at 0.5-0.8 s.  A fresh libvirtd starts in the
+        first; after an upload it was in the second in every quiet run of the bench
+        (not always: with the test suite running beside it, after none of three uploads
+        by hand, one from each client and one from virsh).  Without
+        this the first rows of a run measured the start-up state, and which client met
+        it depended on the order."""
         try:
             run_one(
                 __file__,
