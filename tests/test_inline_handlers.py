@@ -189,7 +189,7 @@ def test_an_awaitable_from_a_plain_function_is_refused_even_after_plain_results(
     import inspect
     import types
 
-    from virnet import server as server_mod
+    from virnet import _server_connection as connection_mod
 
     class Result:
         pass
@@ -215,22 +215,22 @@ def test_an_awaitable_from_a_plain_function_is_refused_even_after_plain_results(
 
     for _ in range(2):  # the second time from the cache
         value = Result()
-        assert server_mod._plain_result(ECHO, value) is value
-    assert Result in server_mod._NOT_AWAITABLE
+        assert connection_mod._plain_result(ECHO, value) is value
+    assert Result in connection_mod._NOT_AWAITABLE
     pending = coro()
     with pytest.raises(TypeError, match="returned an awaitable"):
-        server_mod._plain_result(ECHO, pending)
+        connection_mod._plain_result(ECHO, pending)
     assert inspect.getcoroutinestate(pending) == inspect.CORO_CLOSED  # no warning
     for awaitable in (Awaits(), legacy()):
         with pytest.raises(TypeError, match="returned an awaitable"):
-            server_mod._plain_result(ECHO, awaitable)
+            connection_mod._plain_result(ECHO, awaitable)
         with pytest.raises(TypeError, match="returned an awaitable"):
-            server_mod._plain_result(ECHO, awaitable)
-    assert types.GeneratorType not in server_mod._NOT_AWAITABLE
+            connection_mod._plain_result(ECHO, awaitable)
+    assert types.GeneratorType not in connection_mod._NOT_AWAITABLE
     for _ in range(2):
         with pytest.raises(TypeError, match="returned an awaitable"):
-            server_mod._plain_result(ECHO, Proxy(Awaits))
-    assert Proxy not in server_mod._NOT_AWAITABLE
+            connection_mod._plain_result(ECHO, Proxy(Awaits))
+    assert Proxy not in connection_mod._NOT_AWAITABLE
 
 
 # ---------------------------------------------------------------- async handlers that never wait
