@@ -51,8 +51,10 @@ grpcio) is skipped with its reason (``meta.skipped``).
   private libvirtd (``tests/_libvirtd.py``, root only) with a dir pool on /dev/shm and one
   raw volume filled with data.  Download is timed first chunk to last by the client;
   upload from the ``upload()`` call to ``finish()``.  libvirtd's CPU comes from /proc.
-  The fixture makes one small untimed upload first (``LibvirtFixture._warm_up``): a
-  fresh libvirtd costs up to three times as much per GiB sent until it has received one.
+  libvirtd runs with the glibc malloc thresholds virnetd sets for itself
+  (``LibvirtFixture.libvirtd_env``; as installed, its CPU per GiB sent swings threefold
+  with its allocator's state, whoever the client); ``--stock-libvirtd`` runs it as
+  installed, after one small untimed upload (``LibvirtFixture._warm_up``).
 * ``virnet.libvirt vol-download|vol-upload`` -- virnet's own libvirt client (compiled,
   uvloop) against the same libvirtd, timed the same way.
 * ``local copy, dd bs=1M into a new file (tmpfs)`` -- the second anchor, a whole process
@@ -894,6 +896,9 @@ class LibvirtFixture:
     VOL = "bench.img"
 
     def __init__(self) -> None:
+        #: Run libvirtd as installed (``--stock-libvirtd``) instead of with the glibc
+        #: malloc thresholds virnetd sets for itself (``libvirtd_env``).
+        self.stock = False
         self.reason: str | None = None
         self.pylibvirt_reason: str | None = None
         self.daemon: Any = None
@@ -925,19 +930,39 @@ class LibvirtFixture:
             _fill_file(Path(path), size, truncate=False)  # data, not one big hole
             self.vol_path = Path(path)
             self.size = size
-            self._warm_up()
+            if self.stock:
+                self._warm_up()
         return self.daemon
 
+    def libvirtd_env(self) -> dict[str, str]:
+        """libvirtd's environment on top of ours: glibc's mmap and trim thresholds fixed
+        at the values ``virnetd`` gives itself (``virnet.daemon.__main__.tune_malloc``),
+        unless ``stock``.  As installed, libvirtd serves downloads in one of two states
+        whoever the client: ~393k fresh pages faulted in per GiB sent at 1.3-2.2 s of
+        CPU per GiB, or next to none at 0.5-0.8 s; which one a row meets depends on what
+        libvirtd did before (see ``_warm_up``) and can change within a run, so the rows
+        compared libvirtd's allocator more than the clients.  With both thresholds fixed
+        it faults ~1 page per GiB from the first transfer.  (Either one alone is worse:
+        setting one turns glibc's adjustment of the other off.)  The same daemon serves
+        both clients either way."""
+        if self.stock:
+            return {}
+        from virnet.daemon.__main__ import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+        return {
+            "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+        }
+
     def _warm_up(self) -> None:
-        """One small untimed upload (``virnet.libvirt``, 64 MiB at offset 0) before any row
-        is timed.  libvirtd serves a download in one of two states, whoever the client:
-        faulting in ~393k fresh pages per GiB sent (1.5 per page of data) at 1.3-2.2 s of
-        CPU per GiB, or next to no faults at 0.5-0.8 s.  A fresh libvirtd starts in the
-        first; after an upload it was in the second in every quiet run of the bench
-        (not always: with the test suite running beside it, after none of three uploads
-        by hand, one from each client and one from virsh).  Without
-        this the first rows of a run measured the start-up state, and which client met
-        it depended on the order."""
+        """With ``--stock-libvirtd``: one small untimed upload (``virnet.libvirt``,
+        64 MiB at offset 0) before any row is timed.  A fresh libvirtd starts in its
+        slow state (``libvirtd_env``); after an upload it was in the fast one in every
+        quiet run of the bench, but not always (with the test suite running beside it,
+        after none of three uploads by hand, one from each client and one from virsh),
+        and a run can fall back to the slow state later.  Without this the first rows
+        of a stock run measured the start-up state, and which client met it depended on
+        the order."""
         try:
             run_one(
                 __file__,
@@ -965,7 +990,7 @@ class LibvirtFixture:
             self.reason = reason
             return
         try:
-            daemon = LibvirtDaemon().start()
+            daemon = LibvirtDaemon(env=self.libvirtd_env()).start()
         except Exception as exc:
             self.reason = f"libvirtd did not start: {str(exc).splitlines()[0]}"
             return
@@ -1110,6 +1135,7 @@ PY_DOWN = "libvirt vol-download (python3-libvirt recvAll)"
 PY_UP = "libvirt vol-upload (python3-libvirt sendAll)"
 VL_DOWN = "virnet.libvirt vol-download, compiled"
 VL_UP = "virnet.libvirt vol-upload, compiled"
+LIBVIRT_ROWS = frozenset({PY_DOWN, PY_UP, VL_DOWN, VL_UP, VIRSH_DOWN, VIRSH_UP})
 CLI_STDOUT = cli_stdout_name()  # says whether stdout is the private null device or a pipe
 #: Short names of the anchors in the table's "vs" column.
 ANCHOR_LABELS = {PUMP: "pump", LOCAL_COPY: "local copy"}
@@ -1299,6 +1325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bytes", type=int, help="volume per transfer (default by mode)")
     ap.add_argument("--repeat", type=int, help="repetitions per scenario (default by mode)")
     ap.add_argument("--only", action="append", help="run scenarios whose name contains this")
+    ap.add_argument("--stock-libvirtd", action="store_true",
+                    help="run the private libvirtd with glibc's default malloc tuning (by "
+                         "default it gets virnetd's: see LibvirtFixture.libvirtd_env)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--addr", help=argparse.SUPPRESS)
     ap.add_argument("--core", choices=["compiled", "pure"], help=argparse.SUPPRESS)
@@ -1314,6 +1343,12 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (2 if args.quick else 5)
     scenarios = select(args.only)
     info = machine_info()
+    LIBVIRT.stock = args.stock_libvirtd
+    if any(s.name in LIBVIRT_ROWS for s in scenarios):
+        tuning = LIBVIRT.libvirtd_env()
+        print("libvirtd (private): " + (
+            " ".join(f"{k}={v}" for k, v in tuning.items()) + " (virnetd's malloc tuning)"
+            if tuning else "glibc's default malloc tuning (--stock-libvirtd)"), flush=True)
     print(
         f"throughput: {nbytes / MiB:.0f} MiB per transfer (at most {CAP / MiB:.0f} MiB for "
         f"FILES, libvirt, grpcio, whole processes), {repeat} repetitions, "
@@ -1516,6 +1551,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeat": repeat,
                 "wall_s": wall,
                 "sources_unchanged": consistent,
+                "libvirtd_env": LIBVIRT.libvirtd_env(),
                 "machine": info,
                 "samples": {s.name: s.samples for s in scenarios},
                 "rounds": {s.name: s.rounds for s in scenarios},

@@ -141,7 +141,9 @@ class LibvirtDaemon:
         start_timeout: float = 30.0,
         log_level: int = 3,
         extra_config: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``env``: variables set in libvirtd's environment on top of ours."""
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else _short_tmpdir("virnet-lvd-")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +161,7 @@ class LibvirtDaemon:
         self.start_timeout = start_timeout
         self.log_level = log_level
         self.extra_config = extra_config
+        self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.start_seconds: float | None = None
         self._stdio: IO[bytes] | None = None
@@ -241,6 +244,7 @@ log_outputs = {q(f"{self.log_level}:file:{self.log_path}")}
             "LIBVIRT_DEBUG",
         ):
             env.pop(k, None)
+        env.update(self.extra_env)
         self._stdio = open(self.stdio_path, "wb")  # noqa: SIM115 (closed in stop())
         t0 = time.monotonic()
         try:
