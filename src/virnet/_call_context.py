@@ -1,7 +1,6 @@
 """How a server serves one call: what ``register`` recorded for a procedure
-(``Registration``), what the handler is given (``CallContext``), and the two ways a
-server-side stream ends, with an error after its data (``fail_stream``) or through the
-finish handshake once its handler returned (``complete_stream``)."""
+(``Registration``) and what the handler is given (``CallContext``).  How a server-side
+stream ends (``fail_stream``, ``complete_stream``) is ``stream``'s, beside the stream."""
 
 from __future__ import annotations
 
@@ -10,9 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._streams import StreamState
 from .constants import MessageStatus
-from .errors import ErrorCode, ErrorDomain, RPCError, StreamError
+from .errors import ErrorCode, ErrorDomain, RPCError
 from .program import Event, Procedure, StreamDirection
 from .stream import Stream
 
@@ -108,47 +106,3 @@ class CallContext:
         ``long=True`` for jobs that read whole files (checksums), which get workers of
         their own so they never hold up quick metadata calls."""
         return self.connection.run_blocking(fn, *args, long=long)
-
-
-def fail_stream(stream: Stream, exc: RPCError) -> None:
-    """Server side: end ``stream`` with ``exc``.  The STREAM+ERROR carrying it goes out
-    after the data already sent, as libvirt's daemon orders it; from now on every
-    operation on this end raises it and incoming data is dropped."""
-    core = stream._core
-    if core.closed or core.failing:
-        return
-    if isinstance(exc, StreamError):
-        err = exc
-    else:
-        err = StreamError(
-            exc.message,
-            code=exc.code,
-            domain=exc.domain,
-            level=exc.level,
-            str1=exc.str1,
-            str2=exc.str2,
-            str3=exc.str3,
-            int1=exc.int1,
-            int2=exc.int2,
-        )
-    core.fail_after_data(err)
-
-
-async def complete_stream(stream: Stream) -> None:
-    """Server side, after the handler returned: send EOF if we send, wait for the
-    client's finish (STREAM+OK), drain what it sent, and confirm with STREAM+OK."""
-    core = stream._core
-    if core.closed:
-        return
-    if core.can_send and not core.eof_sent:
-        core.queue_eof()
-    # Data the handler did not read is dropped (and credited, so nothing stalls).
-    core.discard_unread()
-    if not core.finish_requested:
-        await stream._until(lambda: core.finish_requested or core.closed)
-    if core.closed:
-        return
-    # The confirmation must follow any data still queued: it goes in the stream's queue.
-    core.queue_finish_confirmation()
-    await stream._until(lambda: not core.tx or core.closed)
-    core.terminate(StreamState.FINISHED, None)

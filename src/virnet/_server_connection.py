@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import protocol, xdr
-from ._call_context import CallContext, Registration, complete_stream, fail_stream
+from ._call_context import CallContext, Registration
 from ._impl import Message
 from ._inline import run_to_end
 from ._protocol import RPCProtocol
@@ -22,7 +22,7 @@ from ._streams import StreamCore
 from .constants import CONTROL_HELLO, CONTROL_PROGRAM, CONTROL_VERSION, MessageStatus
 from .errors import ErrorCode, ErrorDomain, RPCError, XdrError
 from .program import Event, Procedure
-from .stream import Stream
+from .stream import Stream, complete_stream, fail_stream
 
 if TYPE_CHECKING:
     from .server import Server

@@ -12,7 +12,7 @@ internal-error message.  A malformed packet closes only that connection.
 
 Listening sockets and accepting on them are ``_listen``'s; one client's connection
 (its call queue, workers and bounded output) is ``_server_connection``'s; what a handler
-is given and how a server-side stream ends, ``_call_context``'s.
+is given, ``_call_context``'s; how a server-side stream ends, ``stream``'s.
 """
 
 from __future__ import annotations
@@ -28,13 +28,7 @@ from typing import Any, TypeVar
 
 from ._blocking import WORKERS as BLOCKING_WORKERS
 from ._blocking import BlockingPool
-from ._call_context import (
-    CallContext,
-    Handler,
-    InlineHandler,
-    Registration,
-    fail_stream,
-)
+from ._call_context import CallContext, Handler, InlineHandler, Registration
 from ._inline import never_suspends
 from ._listen import Listener, Refusals, remove_stale_socket, tcp_listeners, unix_listener
 from ._server_connection import ServerConnection
@@ -42,6 +36,7 @@ from ._uri import Address, parse_uri
 from .errors import ErrorCode, ErrorDomain, RPCError
 from .limits import DEFAULT_LIMITS, Limits
 from .program import Procedure, Program
+from .stream import fail_stream
 
 __all__ = [
     "CallContext",

@@ -43,7 +43,7 @@ from ._streams import (
     stream_error,
 )
 from .constants import STREAM_CHUNK
-from .errors import ErrorCode, StreamError
+from .errors import ErrorCode, RPCError, StreamError
 
 if TYPE_CHECKING:
     from ._protocol import RPCProtocol
@@ -584,3 +584,49 @@ class Stream:
         if self._progress() != progress and not (ready & StreamEvent.HANGUP and self.closed):
             self._notify()
 
+
+# ---------------------------------------------------------------------- server side
+# How a server ends the stream of a call it served (``virnet.server``); here, beside the
+# ``Stream`` whose core they drive.
+def fail_stream(stream: Stream, exc: RPCError) -> None:
+    """Server side: end ``stream`` with ``exc``.  The STREAM+ERROR carrying it goes out
+    after the data already sent, as libvirt's daemon orders it; from now on every
+    operation on this end raises it and incoming data is dropped."""
+    core = stream._core
+    if core.closed or core.failing:
+        return
+    if isinstance(exc, StreamError):
+        err = exc
+    else:
+        err = StreamError(
+            exc.message,
+            code=exc.code,
+            domain=exc.domain,
+            level=exc.level,
+            str1=exc.str1,
+            str2=exc.str2,
+            str3=exc.str3,
+            int1=exc.int1,
+            int2=exc.int2,
+        )
+    core.fail_after_data(err)
+
+
+async def complete_stream(stream: Stream) -> None:
+    """Server side, after the handler returned: send EOF if we send, wait for the
+    client's finish (STREAM+OK), drain what it sent, and confirm with STREAM+OK."""
+    core = stream._core
+    if core.closed:
+        return
+    if core.can_send and not core.eof_sent:
+        core.queue_eof()
+    # Data the handler did not read is dropped (and credited, so nothing stalls).
+    core.discard_unread()
+    if not core.finish_requested:
+        await stream._until(lambda: core.finish_requested or core.closed)
+    if core.closed:
+        return
+    # The confirmation must follow any data still queued: it goes in the stream's queue.
+    core.queue_finish_confirmation()
+    await stream._until(lambda: not core.tx or core.closed)
+    core.terminate(StreamState.FINISHED, None)
